@@ -1,0 +1,99 @@
+"""Masks and points on the image, the feature grid and the latent grid.
+
+Every position is given in pixels of the *working image* (the resized input the model sees) and
+mapped to a grid by that grid's own scale, so latents, energy masks and features are always moved by
+the same physical offset (upstream scaled the latent offset differently from the mask offset).
+Content moved past a border is clipped, never wrapped around (upstream used `torch.roll`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+Point = tuple[float, float]
+Size = tuple[int, int]  # (width, height)
+
+
+def working_size(width: int, height: int, resolution: int, multiple: int) -> Size:
+    """Size with area ≈ resolution², the input's aspect ratio, and sides multiples of `multiple`."""
+    if width <= 0 or height <= 0:
+        raise InputError(f"image has size {width}×{height}; give a non-empty image")
+    k = math.sqrt(resolution * resolution / (width * height))
+    side = lambda s: max(multiple, round(s * k / multiple) * multiple)  # noqa: E731
+    return side(width), side(height)
+
+
+def scale_point(point: Point, from_size: Size, to_size: Size) -> Point:
+    """A point in pixels of an image of `from_size` expressed in pixels of one of `to_size`."""
+    return point[0] * to_size[0] / from_size[0], point[1] * to_size[1] / from_size[1]
+
+
+def source_coords(
+    grid: tuple[int, int], image_size: Size, src: Point, dst: Point, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each cell of an (h, w) grid, the continuous (x, y) grid position it is copied from.
+
+    The transform maps an image point p to dst + scale·(p − src): `src` lands on `dst` and the
+    content is scaled about it. Positions are in grid cells, cell centres at integers.
+    """
+    h, w = grid
+    width, height = image_size
+    u = (torch.arange(w, dtype=torch.float64) + 0.5) * width / w
+    v = (torch.arange(h, dtype=torch.float64) + 0.5) * height / h
+    px = src[0] + (u - dst[0]) / scale
+    py = src[1] + (v - dst[1]) / scale
+    return px * w / width - 0.5, py * h / height - 0.5
+
+
+def warp(
+    x: torch.Tensor,
+    image_size: Size,
+    src: Point,
+    dst: Point,
+    scale: float = 1.0,
+    mode: str = "nearest",
+) -> torch.Tensor:
+    """Move and scale the content of `x` (B, C, h, w) so image point `src` lands on `dst`.
+
+    `scale` is about `src`. Cells whose source lies outside the grid become zero (no wrap-around).
+    "nearest" rounds half-cells the same way everywhere, so a mask and a feature map warped with the
+    same arguments stay cell-for-cell aligned.
+    """
+    if scale <= 0:
+        raise InputError(f"scale must be positive, got {scale}")
+    h, w = x.shape[-2:]
+    cx, cy = source_coords((h, w), image_size, src, dst, scale)
+    if mode == "nearest":
+        ix = torch.floor(cx + 0.5).long()
+        iy = torch.floor(cy + 0.5).long()
+        valid = ((iy >= 0) & (iy < h))[:, None] & ((ix >= 0) & (ix < w))[None, :]
+        out = x[..., iy.clamp(0, h - 1)[:, None], ix.clamp(0, w - 1)[None, :]]
+        return out * valid.to(device=x.device, dtype=x.dtype)
+    if mode == "bilinear":
+        gx = (cx + 0.5) * 2 / w - 1
+        gy = (cy + 0.5) * 2 / h - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+        grid = grid.to(device=x.device, dtype=x.dtype).expand(x.shape[0], h, w, 2)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    raise ValueError(f"unknown warp mode {mode!r}")
+
+
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A boolean (B, 1, h, w) mask: the cells at least half covered by the full-size `mask`."""
+    m = mask.float()
+    if tuple(m.shape[-2:]) == tuple(grid):
+        return m > 0.5
+    return F.interpolate(m, size=grid, mode="area") >= 0.5
+
+
+def require_nonempty(mask: torch.Tensor, what: str, fix: str) -> torch.Tensor:
+    """Return `mask` unchanged, or raise InputError when it selects nothing."""
+    if not bool(mask.any()):
+        h, w = mask.shape[-2:]
+        raise InputError(f"{what} is empty on the {w}×{h} grid; {fix}")
+    return mask

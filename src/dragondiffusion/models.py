@@ -1,0 +1,111 @@
+"""Loading an SD-1.x-format bundle: device and dtype choice, clear errors for bad bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+EMBEDDED_MODEL = Path(__file__).parent / "demo_model"
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, else the best available: cuda, then mps, then cpu."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(
+                "device cuda was asked for but no CUDA GPU is available; use --device cpu"
+            )
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The given dtype, else float16 on CUDA and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def default_model() -> str:
+    """The embedded demo model shipped in the package."""
+    if not (EMBEDDED_MODEL / "model_index.json").is_file():
+        raise InputError(
+            "this install has no embedded demo model yet; pass --model with a local Stable "
+            "Diffusion 1.x folder or a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+        )
+    return str(EMBEDDED_MODEL)
+
+
+def check_bundle(path: Path) -> None:
+    """Raise InputError naming what a local folder lacks to be an SD-1.x diffusers bundle."""
+    if not path.is_dir():
+        raise InputError(f"model folder {str(path)!r} does not exist")
+    if not (path / "model_index.json").is_file():
+        raise InputError(
+            f"{str(path)!r} is not a diffusers bundle (no model_index.json); save one with "
+            "StableDiffusionPipeline.save_pretrained or convert a .safetensors checkpoint with "
+            "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
+        )
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise InputError(f"model folder {str(path)!r} lacks {', '.join(missing)}")
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """Load a DragonPipeline from a local SD-1.x bundle folder or a hub id, ready to edit.
+
+    `model=None` loads the embedded demo model. The device defaults to cuda > mps > cpu and the
+    dtype to float16 on CUDA, float32 elsewhere.
+    """
+    from .pipeline import DragonPipeline
+
+    name = default_model() if model is None else os.fspath(model)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    local = Path(name).expanduser()
+    if local.exists() or name.startswith((".", "/", "~")):
+        check_bundle(local)
+        name = str(local)
+    try:
+        pipe = DragonPipeline.from_pretrained(
+            name, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(
+            f"could not load model {name!r}: {err}. Give a local bundle folder, or a hub id with "
+            "network access (set HF_HUB_OFFLINE=1 to use only the local cache)"
+        ) from err
+    pipe.model_name = name
+    return pipe.to(torch_device)

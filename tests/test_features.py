@@ -1,0 +1,46 @@
+import torch
+
+from dragondiffusion.features import FeatureExtractor, energy_grid, feature_blocks, upsample
+
+
+def test_feature_blocks_by_resolution(pipe):
+    assert feature_blocks(pipe.unet) == (1, 2)
+
+
+def test_features_match_a_full_forward_and_stop_early(pipe):
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 16, 16)
+    text, _ = pipe.encode_text("a blue ring")
+    full, deeper_calls = {}, []
+    hooks = [
+        pipe.unet.up_blocks[i].register_forward_hook(
+            lambda m, a, out, i=i: full.__setitem__(i, out)
+        )
+        for i in (1, 2)
+    ]
+    with torch.no_grad():
+        pipe.unet(z, 400, encoder_hidden_states=text)
+    for h in hooks:
+        h.remove()
+    spy = pipe.unet.up_blocks[3].register_forward_hook(lambda *a: deeper_calls.append(1))
+    spy_out = pipe.unet.conv_out.register_forward_hook(lambda *a: deeper_calls.append(2))
+    try:
+        with torch.no_grad():
+            feats = FeatureExtractor(pipe.unet)(z, 400, text)
+    finally:
+        spy.remove()
+        spy_out.remove()
+    assert deeper_calls == [], "blocks after the last feature block must not run"
+    assert [f.shape for f in feats] == [(1, 32, 8, 8), (1, 16, 16, 16)]
+    assert torch.equal(feats[0], full[1]) and torch.equal(feats[1], full[2])
+    up = upsample(feats, energy_grid((16, 16)))
+    assert [f.shape[-2:] for f in up] == [(32, 32), (32, 32)]
+
+
+def test_features_carry_gradients_to_the_latent(pipe):
+    z = torch.randn(1, 4, 16, 16, requires_grad=True)
+    text, _ = pipe.encode_text("")
+    with torch.enable_grad():
+        feats = pipe.features(z, 300, text)
+        (g,) = torch.autograd.grad(sum(f.square().mean() for f in feats), z)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from dragondiffusion.errors import InputError
+from dragondiffusion.geometry import (
+    mask_to_grid,
+    require_nonempty,
+    scale_point,
+    warp,
+    working_size,
+)
+
+
+def test_working_size_area_and_multiples():
+    assert working_size(512, 512, 512, 64) == (512, 512)
+    # upstream's example: a 1024×768 photo at 768 area becomes 896×640
+    assert working_size(1024, 768, 768, 64) == (896, 640)
+    assert working_size(600, 400, 256, 64) == (320, 192)
+    assert working_size(600, 400, 128, 64) == (128, 128)  # 64-multiples are coarse at 128
+    assert working_size(10, 1000, 128, 64) == (64, 1280)
+    with pytest.raises(InputError):
+        working_size(0, 10, 128, 64)
+
+
+def test_scale_point_keeps_axes():
+    assert scale_point((100, 50), (200, 100), (400, 100)) == (200, 50)
+
+
+def dot(h, w, y, x):
+    m = torch.zeros(1, 1, h, w)
+    m[..., y, x] = 1
+    return m
+
+
+def test_warp_identity_and_integer_shift():
+    x = torch.arange(48.0).view(1, 1, 6, 8)
+    assert torch.equal(warp(x, (64, 48), (10, 10), (10, 10)), x)
+    # image 64×48 on an 8×6 grid: 8 px per cell; +16 px in x is +2 cells
+    moved = warp(x, (64, 48), (0, 0), (16, 0))
+    assert torch.equal(moved[..., 2:], x[..., :-2])
+    assert torch.equal(moved[..., :2], torch.zeros(1, 1, 6, 2))
+
+
+def test_warp_never_wraps_around():
+    x = dot(4, 4, 1, 3)  # a dot at the right edge
+    moved = warp(x, (4, 4), (0, 0), (1, 0))
+    assert moved.sum() == 0, "content pushed past the border must vanish, not reappear left"
+
+
+def test_warp_half_cell_shift_moves_every_cell_the_same_way():
+    x = torch.arange(1.0, 9.0).view(1, 1, 1, 8)
+    moved = warp(x, (32, 4), (0, 0), (2, 0))  # 4 px per cell: a half-cell shift
+    nonzero = moved[moved != 0]
+    assert len(torch.unique(nonzero)) == len(nonzero), "no cell duplicated"
+    assert len(nonzero) >= 7
+
+
+def test_warp_landscape_uses_each_axis_own_scale():
+    # 160×96 image on a 20×12 grid (8 px per cell); move 80 px right, 24 px down
+    x = dot(12, 20, 2, 3)
+    moved = warp(x, (160, 96), (0, 0), (80, 24))
+    assert moved[0, 0].nonzero().tolist() == [[2 + 3, 3 + 10]]
+
+
+def test_warp_same_offset_on_every_grid():
+    # the same physical move on the latent grid and the twice-finer energy grid
+    coarse = warp(dot(12, 20, 4, 4), (160, 96), (0, 0), (32, 16))
+    fine = warp(dot(24, 40, 8, 8), (160, 96), (0, 0), (32, 16))
+    assert coarse[0, 0].nonzero().tolist() == [[6, 8]]
+    assert fine[0, 0].nonzero().tolist() == [[12, 16]]
+
+
+def test_warp_scale_about_source_point():
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., 6:10, 6:10] = 1  # 4×4 square centred at pixel 8
+    big = warp(m, (16, 16), (8, 8), (8, 8), scale=2.0)
+    assert big.sum() == 64 and big[..., 4:12, 4:12].all()
+    small = warp(m, (16, 16), (8, 8), (8, 8), scale=0.5)
+    assert small.sum() == 4 and small[..., 7:9, 7:9].all()
+    with pytest.raises(InputError):
+        warp(m, (16, 16), (8, 8), (8, 8), scale=0)
+
+
+def test_warp_bilinear_matches_nearest_on_integer_shifts():
+    x = torch.randn(1, 3, 6, 8)
+    a = warp(x, (64, 48), (0, 0), (8, 16), mode="bilinear")
+    b = warp(x, (64, 48), (0, 0), (8, 16), mode="nearest")
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_mask_to_grid_half_coverage_and_empty_error():
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 0:4, 0:2] = 1  # covers exactly half of the top-left 4×4 cell
+    assert mask_to_grid(m, (2, 2))[0, 0].tolist() == [[True, False], [False, False]]
+    m[..., 0:4, 0:1] = 0
+    with pytest.raises(InputError, match="empty on the 2×2 grid; draw"):
+        require_nonempty(mask_to_grid(m, (2, 2)), "the mask", "draw a larger one")

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from dragondiffusion.attention import BankMode
+from dragondiffusion.ddim import DDIMTimesteps
+from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, sample
+
+
+def test_inversion_trajectory_and_bank(pipe, inversion):
+    assert inversion.latents.shape == (11, 1, 4, 16, 24)  # 160×96 → 192×128 working size
+    assert inversion.working_size == (192, 128)
+    assert inversion.input_sizes == [(160, 96)]
+    steps = {s for _, s in inversion.memory}
+    assert steps == set(range(10))
+    assert len(inversion.memory) == 10 * len(pipe.bank_layers)
+    k, _v = next(iter(inversion.memory.values()))
+    assert k.device == pipe.device and k.dtype == pipe.unet.dtype and not k.requires_grad
+    assert inversion.nbytes() > inversion.latents.nbytes
+    assert torch.equal(inversion.at_step(0), inversion.latents[-1])
+    assert torch.equal(inversion.at_step(9), inversion.latents[1])
+
+
+def reconstruct(pipe, inv, start, mode):
+    n = inv.num_steps
+    cond, uncond = pipe.encode_text(inv.prompts[0])
+    plan = EditPlan("roundtrip", start, None, torch.zeros(1), mode, range(n), 1.0, 0.0, 0.0)
+    schedule = GuidanceSchedule("unguided", n, frozenset())
+    steps = DDIMTimesteps(pipe.scheduler, n)
+    return sample(
+        pipe.unet,
+        pipe.features,
+        pipe.memory_bank,
+        inv,
+        plan,
+        schedule,
+        steps,
+        cond,
+        uncond,
+        Evaluations(),
+    )
+
+
+@pytest.mark.parametrize("steps,tolerance", [(10, 0.08), (50, 0.035)])
+def test_round_trip_with_bank_replace_reproduces_the_image_latent(pipe, steps, tolerance):
+    """Sampling back from z_T (bank in replace mode, no guidance, no CFG) returns to z_0.
+
+    Measured on the tiny bundle: relative L2 error 0.054 at 10 steps and 0.023 at 50 steps,
+    against ≈ 8–13 when starting from fresh noise instead of the inverted z_T.
+    """
+    img = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    inv = pipe.invert(img, "a red square", steps)
+    z0 = inv.latents[0]
+    back = reconstruct(pipe, inv, inv.latents[-1], BankMode.REPLACE)
+    rel = ((back - z0).norm() / z0.norm()).item()
+    assert rel < tolerance
+    fresh = reconstruct(pipe, inv, torch.randn_like(z0), BankMode.REPLACE)
+    assert ((fresh - z0).norm() / z0.norm()).item() > 20 * rel

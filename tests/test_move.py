@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+
+from dragondiffusion.edits.move import move_masks, plan_move
+from dragondiffusion.errors import InputError
+from dragondiffusion.features import energy_grid, upsample
+from dragondiffusion.sampler import Evaluations, energy_gradient
+
+
+def square_mask(size, box):
+    w, h = size
+    m = torch.zeros(1, 1, h, w)
+    x0, y0, x1, y1 = box
+    m[..., y0:y1, x0:x1] = 1
+    return m
+
+
+def centroid(mask):
+    ys, xs = mask[0, 0].nonzero(as_tuple=True)
+    return xs.float().mean().item(), ys.float().mean().item()
+
+
+SIZE, GRID = (192, 128), (64, 96)  # a working size and a grid of 2 px per cell (h, w)
+PLAN_GRID = (32, 48)  # the energy grid of the `inversion` fixture: latents 16×24, 4 px per cell
+
+
+def test_no_wrap_around_when_pushed_past_the_border():
+    mask = square_mask(SIZE, (150, 40, 182, 72))  # near the right edge
+    m = move_masks(mask, SIZE, GRID, (166, 56), (186, 56), 1.0, None)
+    assert m.target.sum() == 11 * 16, "10 of the object's 32 px columns must be clipped"
+    assert not m.target[..., :40].any(), "nothing may reappear on the left side"
+    assert m.target[..., -1].any()
+
+
+def test_moving_entirely_out_is_a_clear_error():
+    mask = square_mask(SIZE, (150, 40, 182, 72))
+    with pytest.raises(InputError, match="leave the image"):
+        move_masks(mask, SIZE, GRID, (166, 56), (400, 56), 1.0, None)
+
+
+def test_in_place_enlargement_has_no_vacated_area_and_finite_energy(pipe, inversion):
+    mask = square_mask(SIZE, (80, 48, 112, 80))
+    m = move_masks(mask, SIZE, GRID, (96, 64), (96, 64), 1.5, None)
+    assert not m.vacated.any()
+    assert m.target.sum() == 24 * 24  # 16×16 cells scaled by 1.5
+    plan = plan_move(inversion, mask, (96, 64), (96, 64), 1.5)
+    feats = [torch.randn(1, 8, *PLAN_GRID) for _ in range(2)]
+    e_edit, e_content = plan.energy(feats, feats)
+    assert torch.isfinite(e_edit) and torch.isfinite(e_content)
+
+
+def test_landscape_offsets_are_scaled_per_axis_and_equal_on_every_grid(inversion):
+    """Latent masks, energy masks and the copied noise all move by the same physical offset."""
+    mask = square_mask(SIZE, (24, 40, 56, 72))
+    plan = plan_move(inversion, mask, (40, 56), (136, 88))
+    masks = move_masks(mask, SIZE, PLAN_GRID, (40, 56), (136, 88), 1.0, None)
+    cx, cy = centroid(masks.target)
+    assert (cx + 0.5) * 4 == pytest.approx(136, abs=2)  # 4 working px per energy cell
+    assert (cy + 0.5) * 4 == pytest.approx(88, abs=2)
+    lx, ly = centroid(plan.edit_mask)
+    assert (lx + 0.5) * 8 == pytest.approx(136, abs=4)  # 8 working px per latent cell
+    assert (ly + 0.5) * 8 == pytest.approx(88, abs=4)
+    z_T = inversion.latents[-1]
+    # the noise at the target is the object's inverted noise from 96 px right, 32 px down
+    assert torch.equal(plan.z_init[..., 9:11, 15:19], z_T[..., 5:7, 3:7])
+    assert torch.equal(plan.z_init[..., 0:4, :], z_T[..., 0:4, :])
+
+
+def test_regional_gradient_mask(pipe, inversion):
+    mask = square_mask(SIZE, (24, 40, 56, 72))
+    plan = plan_move(inversion, mask, (40, 56), (100, 56))
+    z = inversion.at_step(1)
+    t = 900
+    text = inversion.text[:1]
+    ref = upsample(pipe.features(z, t, text), energy_grid((16, 24)))
+    counts = Evaluations()
+    g = energy_gradient(pipe.features, plan, z + 0.1, t, text, ref, counts)
+    assert counts.features == 1 and counts.backward == 2
+    inside = plan.edit_mask.bool().expand_as(g)
+    assert g[inside].abs().sum() > 0 and g[~inside].abs().sum() > 0
+    plan.edit_mask = torch.ones_like(plan.edit_mask)
+    only_edit = energy_gradient(pipe.features, plan, z + 0.1, t, text, ref, counts)
+    assert torch.allclose(only_edit[inside], g[inside])
+
+
+def test_move_end_to_end_counts_and_record(pipe, scene):
+    img, mask = scene
+    result = pipe.move(img, mask, (35, 45), (100, 45), prompt="a red square", seed=3)
+    assert result.image.size == (160, 96)
+    assert np.isfinite(np.asarray(result.image, dtype=float)).all()
+    rec = result.record
+    # 50-step dragon schedule: 50 inversion passes; 50 CFG pairs; guidance at steps 0-29, each
+    # one feature pass on the current latent (backpropagated twice: edit and content energies)
+    # and one on the trajectory latent.
+    assert rec["evaluations"] == {
+        "inversion": 50,
+        "denoise": 100,
+        "features": 60,
+        "backward": 60,
+        "forward": 210,
+    }
+    assert rec["guided_steps"] == list(range(30))
+    assert rec["bank"] == {"mode": "replace", "steps": [5, 50]}
+    assert rec["from"] == [35, 45] and rec["to"] == [100, 45] and rec["scale"] == 1.0
+    assert rec["weights"]["w_edit"] == 4.0 and rec["guidance_scale"] == 4.0
+    assert rec["energy_scale"] == 500.0 and rec["k"] == 0.08
+    assert rec["seed"] == 3 and rec["steps"] == 50 and rec["mode"] == "dragon"
+
+
+def test_same_seed_same_output_and_inversion_reuse(pipe, scene, inversion):
+    img, mask = scene
+    kw = dict(prompt="a red square", num_inference_steps=10, seed=7)
+    a = pipe.move(img, mask, (35, 45), (100, 60), **kw)
+    b = pipe.move(inversion, mask, (35, 45), (100, 60), **kw)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    resized = pipe.move(inversion, mask, (35, 45), (100, 60), scale=1.2, **kw)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(resized.image))
+
+
+def test_bank_is_replaced_only_from_step_5_of_50(pipe, scene, inversion):
+    _img, mask = scene
+    bank = pipe.memory_bank
+    bank.used, bank.log_use = [], True
+    try:
+        pipe.move(inversion, mask, (35, 45), (100, 60), num_inference_steps=10)
+    finally:
+        bank.log_use = False
+    steps = sorted({s for _, s, mode in bank.used if mode == "replace"})
+    assert steps == list(range(1, 10))  # step 5 of 50 is step 1 of 10
+    assert {layer for layer, _, _ in bank.used} == set(pipe.bank_layers)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(source=(35, 45), target=(500, 45)), "outside"),
+        (dict(source=(35, 45), target=(100, 45), scale=0.0), "scale"),
+        (dict(source=(35, 45), target=(100, 45), mask=np.zeros((96, 160), bool)), "empty"),
+        (dict(source=(35, 45), target=(100, 45), mask=np.ones((50, 50), bool)), "same image"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(pipe, scene, inversion, kwargs, match):
+    args = dict(mask=scene[1])
+    args.update(kwargs)
+    with pytest.raises(InputError, match=match):
+        pipe.move(inversion, **args)
