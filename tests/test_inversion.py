@@ -4,7 +4,7 @@ import torch
 
 from dragondiffusion.attention import BankMode
 from dragondiffusion.ddim import DDIMTimesteps
-from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, sample
+from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
 
 
 def test_inversion_trajectory_and_bank(pipe, inversion):
@@ -27,18 +27,11 @@ def reconstruct(pipe, inv, start, mode):
     plan = EditPlan("roundtrip", start, None, torch.zeros(1), mode, range(n), 1.0, 0.0, 0.0)
     schedule = GuidanceSchedule("unguided", n, frozenset())
     steps = DDIMTimesteps(pipe.scheduler, n)
-    return sample(
-        pipe.unet,
-        pipe.features,
-        pipe.memory_bank,
-        inv,
-        plan,
-        schedule,
-        steps,
-        cond,
-        uncond,
+    sampler = Sampler(
+        pipe.unet, pipe.features, pipe.memory_bank, inv, plan, schedule, steps, cond, uncond,
         Evaluations(),
-    )
+    )  # fmt: skip
+    return sampler.run()
 
 
 @pytest.mark.parametrize("steps,tolerance", [(10, 0.08), (50, 0.035)])

@@ -35,7 +35,7 @@ def test_no_wrap_around_when_pushed_past_the_border():
 
 def test_moving_entirely_out_is_a_clear_error():
     mask = square_mask(SIZE, (150, 40, 182, 72))
-    with pytest.raises(InputError, match="leave the image"):
+    with pytest.raises(InputError, match="outside the image"):
         move_masks(mask, SIZE, GRID, (166, 56), (400, 56), 1.0, None)
 
 
@@ -86,7 +86,7 @@ def test_regional_gradient_mask(pipe, inversion):
 
 def test_move_end_to_end_counts_and_record(pipe, scene):
     img, mask = scene
-    result = pipe.move(img, mask, (35, 45), (100, 45), prompt="a red square", seed=3)
+    result = pipe.move(img, mask, (35, 45), (100, 45), prompt="a red square", seed=3, mode="dragon")
     assert result.image.size == (160, 96)
     assert np.isfinite(np.asarray(result.image, dtype=float)).all()
     rec = result.record
@@ -98,9 +98,11 @@ def test_move_end_to_end_counts_and_record(pipe, scene):
         "denoise": 100,
         "features": 60,
         "backward": 60,
+        "rollback": 0,
         "forward": 210,
     }
-    assert rec["guided_steps"] == list(range(30))
+    assert rec["schedule"]["guided"] == list(range(30))
+    assert rec["schedule"]["sde"] == [] and rec["schedule"]["time_travel"] == []
     assert rec["bank"] == {"mode": "replace", "steps": [5, 50]}
     assert rec["from"] == [35, 45] and rec["to"] == [100, 45] and rec["scale"] == 1.0
     assert rec["weights"]["w_edit"] == 4.0 and rec["guidance_scale"] == 4.0

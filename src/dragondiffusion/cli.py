@@ -21,6 +21,17 @@ def point(text: str) -> tuple[float, float]:
     return x, y
 
 
+def pair(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Parse 'X1,Y1:X2,Y2' into a (handle, target) pair of points."""
+    try:
+        handle, target = text.split(":")
+        return point(handle), point(target)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected X1,Y1:X2,Y2 (handle:target, e.g. 40,60:70,60), got {text!r}"
+        ) from None
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="SD 1.x diffusers folder or hub id (default: embedded model)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
@@ -32,7 +43,18 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help="text describing the image (default: empty)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    p.add_argument("--mode", default="dragon", choices=["dragon"], help="sampler schedule")
+    p.add_argument(
+        "--mode",
+        default="diffeditor",
+        choices=["diffeditor", "dragon"],
+        help="sampler: DiffEditor (default, as upstream's demo) or the DragonDiffusion paper's",
+    )
+    p.add_argument(
+        "--sde-strength", type=float, default=0.4, help="DiffEditor η inside the edit (0.4)"
+    )
+    p.add_argument(
+        "--sde-strength-outside", type=float, default=0.0, help="DiffEditor η outside it (0)"
+    )
     p.add_argument("--resolution", type=int, help="working size as √area (default: model's)")
     p.add_argument(
         "--output-size",
@@ -63,6 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_edit_options(move)
 
+    app = sub.add_parser("appearance", help="give an object the appearance of another")
+    app.add_argument("--image", required=True, help="base image")
+    app.add_argument("--mask", required=True, help="mask of the object to restyle")
+    app.add_argument("--ref-image", required=True, help="image with the reference object")
+    app.add_argument("--ref-mask", required=True, help="mask of the reference object")
+    app.add_argument("--ref-prompt", help="prompt of the reference image (default: --prompt)")
+    add_edit_options(app)
+
+    drag = sub.add_parser("drag", help="drag content from handle points to target points")
+    drag.add_argument("--image", required=True, help="input image")
+    drag.add_argument("--mask", required=True, help="editable region (white), image-sized")
+    drag.add_argument(
+        "--drag",
+        dest="pairs",
+        type=pair,
+        action="append",
+        required=True,
+        help="X1,Y1:X2,Y2 handle→target pair; repeat for more pairs",
+    )
+    add_edit_options(drag)
+
+    paste = sub.add_parser("paste", help="paste an object from a reference image")
+    paste.add_argument("--image", required=True, help="background image")
+    paste.add_argument("--ref-image", required=True, help="image with the object to paste")
+    paste.add_argument("--ref-mask", required=True, help="mask of the object to paste")
+    paste.add_argument(
+        "--offset", type=point, default=(0.0, 0.0), help="DX,DY shift from its reference place"
+    )
+    paste.add_argument("--scale", type=float, default=1.0, help="resize factor (default 1)")
+    paste.add_argument("--ref-prompt", help="prompt of the reference image (default: --prompt)")
+    add_edit_options(paste)
+
     info = sub.add_parser("info", help="print versions, device and model facts")
     add_model_options(info)
     return parser
@@ -79,26 +133,50 @@ def check_output(out: str, inputs: list[str | None]) -> Path:
     return path
 
 
-def run_move(args: argparse.Namespace) -> None:
+def edit_options(args: argparse.Namespace) -> dict:
+    """The EditOptions fields from the common command-line options."""
+    return {
+        "num_inference_steps": args.steps,
+        "mode": args.mode,
+        "seed": args.seed,
+        "resolution": args.resolution,
+        "output_size": args.output_size,
+        "sde_strength": args.sde_strength,
+        "sde_strength_outside": args.sde_strength_outside,
+    }
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    """Load the model, run the subcommand's edit, write the PNG with its record."""
     from .models import load
 
-    out = check_output(args.out, [args.image, args.mask, args.reference_region])
+    inputs = [getattr(args, n, None) for n in ("image", "mask", "ref_image", "ref_mask")]
+    out = check_output(args.out, [*inputs, getattr(args, "reference_region", None)])
     pipe = load(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
-    result = pipe.move(
-        args.image,
-        args.mask,
-        args.source,
-        args.target,
-        scale=args.scale,
-        prompt=args.prompt,
-        reference_region=args.reference_region,
-        num_inference_steps=args.steps,
-        mode=args.mode,
-        seed=args.seed,
-        resolution=args.resolution,
-        output_size=args.output_size,
-    )
+    common = {"prompt": args.prompt, **edit_options(args)}
+    if args.command == "move":
+        result = pipe.move(
+            args.image,
+            args.mask,
+            args.source,
+            args.target,
+            scale=args.scale,
+            reference_region=args.reference_region,
+            **common,
+        )
+    elif args.command == "appearance":
+        result = pipe.appearance(
+            args.image, args.mask, args.ref_image, args.ref_mask,
+            reference_prompt=args.ref_prompt, **common,
+        )  # fmt: skip
+    elif args.command == "drag":
+        result = pipe.drag(args.image, args.mask, args.pairs, **common)
+    else:
+        result = pipe.paste(
+            args.image, args.ref_image, args.ref_mask, offset=args.offset, scale=args.scale,
+            reference_prompt=args.ref_prompt, **common,
+        )  # fmt: skip
     result.save(out)
     ev = result.record["evaluations"]
     print(
@@ -143,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        {"move": run_move, "info": run_info}[args.command](args)
+        (run_info if args.command == "info" else run_edit)(args)
     except InputError as err:
         print(f"dragondiffusion: error: {err}", file=sys.stderr)
         return 2

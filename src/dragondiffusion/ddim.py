@@ -41,6 +41,7 @@ class DDIMTimesteps:
         scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
         ratio = scheduler.config.num_train_timesteps // num_steps
+        self.ratio = ratio
         cumprod = scheduler.alphas_cumprod
         final = float(scheduler.final_alpha_cumprod)
         self.alpha = [float(cumprod[t]) for t in self.timesteps]

@@ -97,3 +97,48 @@ def require_nonempty(mask: torch.Tensor, what: str, fix: str) -> torch.Tensor:
         h, w = mask.shape[-2:]
         raise InputError(f"{what} is empty on the {w}×{h} grid; {fix}")
     return mask
+
+
+def cell_of(point: Point, image_size: Size, grid: tuple[int, int]) -> tuple[int, int]:
+    """The (x, y) cell of an (h, w) grid holding an image point, clamped per axis to the grid."""
+    h, w = grid
+    cx = min(max(int(point[0] * w / image_size[0]), 0), w - 1)
+    cy = min(max(int(point[1] * h / image_size[1]), 0), h - 1)
+    return cx, cy
+
+
+def cell_centre(cell: tuple[int, int], image_size: Size, grid: tuple[int, int]) -> Point:
+    """The image point at the centre of an (x, y) cell of an (h, w) grid."""
+    h, w = grid
+    return (cell[0] + 0.5) * image_size[0] / w, (cell[1] + 0.5) * image_size[1] / h
+
+
+def patch(
+    cell: tuple[int, int], grid: tuple[int, int], radius: int = 1, device=None
+) -> torch.Tensor:
+    """A boolean (1, 1, h, w) square of (2·radius+1)² cells around `cell`, clipped to the grid."""
+    h, w = grid
+    m = torch.zeros(1, 1, h, w, dtype=torch.bool, device=device)
+    x, y = cell
+    m[..., max(y - radius, 0) : y + radius + 1, max(x - radius, 0) : x + radius + 1] = True
+    return m
+
+
+def mask_centre(mask: torch.Tensor, image_size: Size) -> Point:
+    """Centre of the bounding box of a (1, 1, h, w) mask, in image pixels."""
+    h, w = mask.shape[-2:]
+    ys, xs = mask[0, 0].nonzero(as_tuple=True)
+    cx = (xs.min() + xs.max() + 1).item() / 2 * image_size[0] / w
+    cy = (ys.min() + ys.max() + 1).item() / 2 * image_size[1] / h
+    return cx, cy
+
+
+def require_visible(target: torch.Tensor, original: torch.Tensor, scale: float, what: str) -> None:
+    """Raise InputError when less than half of a moved/scaled region stays inside the image."""
+    expected = float(original.sum()) * scale * scale
+    visible = float(target.sum()) / expected if expected else 0.0
+    if visible < 0.5:
+        raise InputError(
+            f"{what} would be {100 * (1 - visible):.0f}% outside the image; move it less far "
+            "or scale it less"
+        )

@@ -18,13 +18,22 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from . import __version__
 from .attention import MemoryBank, install_memory_bank
 from .ddim import DDIMTimesteps
-from .edits.move import MoveWeights, plan_move
+from .edits import (
+    AppearanceWeights,
+    DragWeights,
+    MoveWeights,
+    PasteWeights,
+    plan_appearance,
+    plan_drag,
+    plan_move,
+    plan_paste,
+)
 from .errors import InputError
 from .features import FeatureExtractor
 from .geometry import Point, Size, scale_point, working_size
 from .inversion import Inversion, ddim_invert
 from .io import load_image, load_mask, save_png
-from .sampler import EditPlan, Evaluations, GuidanceSchedule, sample
+from .sampler import MODES, EditPlan, Evaluations, GuidanceSchedule, Sampler
 
 # SD 1.5's DDIM configuration: the timesteps 981, 961, …, 1 of upstream's 50-step runs.
 SD15_DDIM = {
@@ -33,6 +42,30 @@ SD15_DDIM = {
     "clip_sample": False,
     "set_alpha_to_one": False,
 }
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """Settings every edit shares (defaults: upstream's demo, DiffEditor sampler, 50 steps)."""
+
+    num_inference_steps: int = 50
+    mode: str = "diffeditor"
+    seed: int = 42
+    resolution: int | None = None
+    output_size: str = "input"
+    sde_strength: float = 0.4
+    sde_strength_outside: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.output_size not in ("input", "working"):
+            raise InputError(f"output_size must be 'input' or 'working', not {self.output_size!r}")
+        if self.num_inference_steps < 2:
+            raise InputError(f"steps must be at least 2, got {self.num_inference_steps}")
+        for name in ("sde_strength", "sde_strength_outside"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -128,14 +161,24 @@ class DragonPipeline(StableDiffusionPipeline):
         prompt: str = "",
         num_inference_steps: int = 50,
         resolution: int | None = None,
+        reference=None,
+        reference_prompt: str | None = None,
     ) -> Inversion:
-        """DDIM-invert `image` (path, PIL or array) into a reusable trajectory + memory bank."""
+        """DDIM-invert `image` (path, PIL or array) into a reusable trajectory + memory bank.
+
+        With `reference`, the reference image (resized to the image's working size) is inverted
+        in the same batch, as appearance replacement and pasting need.
+        """
         if num_inference_steps < 2:
             raise InputError(f"steps must be at least 2, got {num_inference_steps}")
-        image = load_image(image)
-        size = self.working_size(image.size, resolution)
-        z0 = self.encode_image(image, size)
-        text, _ = self.encode_text(prompt)
+        images = [load_image(image)]
+        prompts = [prompt]
+        if reference is not None:
+            images.append(load_image(reference, "reference image"))
+            prompts.append(prompt if reference_prompt is None else reference_prompt)
+        size = self.working_size(images[0].size, resolution)
+        z0 = torch.cat([self.encode_image(im, size) for im in images])
+        text = torch.cat([self.encode_text(p)[0] for p in prompts])
         steps = DDIMTimesteps(self.scheduler, num_inference_steps)
         with self.progress_bar(total=len(steps)) as bar:
             bar.set_description("inversion")
@@ -146,57 +189,91 @@ class DragonPipeline(StableDiffusionPipeline):
             latents=latents,
             memory=memory,
             text=text,
-            prompts=[prompt],
+            prompts=prompts,
             working_size=size,
-            input_sizes=[image.size],
+            input_sizes=[im.size for im in images],
             model=self.model_name,
+        )
+
+    def prepare(
+        self,
+        image,
+        prompt: str,
+        options: EditOptions,
+        reference=None,
+        reference_prompt: str | None = None,
+    ) -> Inversion:
+        """An Inversion from an image (inverting it) or the given Inversion (reused as is)."""
+        images = 1 if reference is None else 2
+        if isinstance(image, Inversion):
+            if image.latents.shape[1] != images:
+                raise InputError(
+                    f"this edit needs an inversion of {images} image(s), the given one holds "
+                    f"{image.latents.shape[1]}; invert with{'' if images == 2 else 'out'} "
+                    "a reference image"
+                )
+            return image
+        return self.invert(
+            image,
+            prompt,
+            options.num_inference_steps,
+            options.resolution,
+            reference,
+            reference_prompt,
         )
 
     # ---- generation branch ------------------------------------------------------------------
     def run_plan(
-        self,
-        inversion: Inversion,
-        plan: EditPlan,
-        mode: str,
-        seed: int,
-        output_size: str,
-        started: float,
+        self, inversion: Inversion, plan: EditPlan, options: EditOptions, started: float
     ) -> EditResult:
         """Sample the plan with the shared guided sampler and package the result."""
-        if output_size not in ("input", "working"):
-            raise InputError(f"output_size must be 'input' or 'working', not {output_size!r}")
         steps = DDIMTimesteps(self.scheduler, inversion.num_steps)
-        schedule = GuidanceSchedule.for_mode(mode, len(steps))
+        schedule = GuidanceSchedule.for_mode(
+            options.mode,
+            len(steps),
+            **(
+                {"eta_inside": options.sde_strength, "eta_outside": options.sde_strength_outside}
+                if options.mode == "diffeditor"
+                else {}
+            ),
+        )
         cond, uncond = self.encode_text(inversion.prompts[0])
         counts = Evaluations(inversion=inversion.num_steps * inversion.latents.shape[1])
-        torch.manual_seed(seed)
         with self.progress_bar(total=len(steps)) as bar:
             bar.set_description(plan.edit)
-            z = sample(
-                self.unet,
-                self.features,
-                self.memory_bank,
-                inversion,
-                plan,
-                schedule,
-                steps,
-                cond,
-                uncond,
-                counts,
+            z = Sampler(
+                unet=self.unet,
+                features=self.features,
+                bank=self.memory_bank,
+                inversion=inversion,
+                plan=plan,
+                schedule=schedule,
+                steps=steps,
+                cond=cond,
+                uncond=uncond,
+                counts=counts,
+                generator=torch.Generator().manual_seed(options.seed),
                 callback=lambda _: bar.update(),
-            )
+            ).run()
         image = self.decode(z)
-        if output_size == "input":
+        if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
         record = {
             "dragondiffusion": __version__,
             "edit": plan.edit,
             "model": inversion.model,
-            "prompt": inversion.prompts[0],
-            "mode": mode,
-            "seed": seed,
+            "prompts": inversion.prompts,
+            "mode": options.mode,
+            "seed": options.seed,
             "steps": inversion.num_steps,
-            "guided_steps": sorted(schedule.guided),
+            "schedule": {
+                "guided": sorted(schedule.guided),
+                "sde": sorted(schedule.sde),
+                "time_travel": sorted(schedule.time_travel),
+                "repeats": schedule.repeats,
+                "eta_inside": schedule.eta_inside,
+                "eta_outside": schedule.eta_outside,
+            },
             "guidance_scale": plan.guidance_scale,
             "energy_scale": plan.energy_scale,
             "k": plan.k,
@@ -205,7 +282,7 @@ class DragonPipeline(StableDiffusionPipeline):
                 "steps": [plan.bank_steps.start, plan.bank_steps.stop],
             },
             "working_size": list(inversion.working_size),
-            "input_size": list(inversion.input_sizes[0]),
+            "input_sizes": [list(s) for s in inversion.input_sizes],
             "output_size": list(image.size),
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
@@ -215,18 +292,16 @@ class DragonPipeline(StableDiffusionPipeline):
         }
         return EditResult(image=image, latent=z, record=record)
 
-    def prepare(self, image, prompt: str, num_inference_steps: int, resolution: int | None):
-        """An Inversion from an image (inverting it) or the given Inversion (reused as is)."""
-        if isinstance(image, Inversion):
-            return image
-        return self.invert(image, prompt, num_inference_steps, resolution)
-
-    def to_working(self, inversion: Inversion, point: Point) -> Point:
+    def to_working(self, inversion: Inversion, point: Point, what: str) -> Point:
+        """A point in input-image pixels → working-image pixels; must lie in the image."""
+        w, h = inversion.input_sizes[0]
+        if not (0 <= point[0] <= w and 0 <= point[1] <= h):
+            raise InputError(f"{what} {tuple(point)} lies outside the {w}×{h} image")
         return scale_point(point, inversion.input_sizes[0], inversion.working_size)
 
-    def mask_tensor(self, mask, inversion: Inversion, what: str) -> torch.Tensor:
-        """A user mask at input size → (1, 1, H, W) float tensor at working size (bilinear > ½)."""
-        arr = load_mask(mask, inversion.input_sizes[0], what).astype(np.float32)
+    def mask_tensor(self, mask, inversion: Inversion, what: str, index: int = 0) -> torch.Tensor:
+        """A user mask at the size of input `index` → (1, 1, H, W) float at working size."""
+        arr = load_mask(mask, inversion.input_sizes[index], what).astype(np.float32)
         t = torch.from_numpy(arr)[None, None]
         w, h = inversion.working_size
         t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
@@ -241,37 +316,116 @@ class DragonPipeline(StableDiffusionPipeline):
         scale: float = 1.0,
         prompt: str = "",
         reference_region=None,
-        num_inference_steps: int = 50,
-        mode: str = "dragon",
-        seed: int = 42,
-        resolution: int | None = None,
-        output_size: str = "input",
         weights: MoveWeights | None = None,
+        **options,
     ) -> EditResult:
         """Move the object in `mask` so that `source` lands on `target`, scaled by `scale`.
 
         image: a path, PIL image, array, or an `Inversion` from `invert` (reused, not recomputed).
         mask / reference_region: white = selected, same size as the image. Points are (x, y)
-        pixels of the input image. Returns the edited image and a full parameter record.
+        pixels of the input image. `options` are the fields of `EditOptions` (steps, mode, seed,
+        resolution, output size, SDE strengths). Returns the image and a full parameter record.
         """
-        started = time.perf_counter()
+        started, opts = time.perf_counter(), EditOptions(**options)
         if not np.isfinite(scale) or scale <= 0:
             raise InputError(f"scale must be a positive number, got {scale}")
-        inversion = self.prepare(image, prompt, num_inference_steps, resolution)
-        for name, p in (("from", source), ("to", target)):
-            w, h = inversion.input_sizes[0]
-            if not (0 <= p[0] <= w and 0 <= p[1] <= h):
-                raise InputError(f"--{name} point {p} lies outside the {w}×{h} image")
+        inversion = self.prepare(image, prompt, opts)
+        region = None
+        if reference_region is not None:
+            region = self.mask_tensor(reference_region, inversion, "reference region")
         plan = plan_move(
             inversion,
             self.mask_tensor(mask, inversion, "object mask"),
-            self.to_working(inversion, source),
-            self.to_working(inversion, target),
+            self.to_working(inversion, source, "--from point"),
+            self.to_working(inversion, target, "--to point"),
             scale,
-            None
-            if reference_region is None
-            else self.mask_tensor(reference_region, inversion, "reference region"),
+            region,
             weights,
         )
         plan.params.update({"from": list(source), "to": list(target)})
-        return self.run_plan(inversion, plan, mode, seed, output_size, started)
+        return self.run_plan(inversion, plan, opts, started)
+
+    def appearance(
+        self,
+        image,
+        mask,
+        reference,
+        reference_mask,
+        prompt: str = "",
+        reference_prompt: str | None = None,
+        weights: AppearanceWeights | None = None,
+        **options,
+    ) -> EditResult:
+        """Give the object in `mask` the appearance of the object in `reference_mask` of
+        `reference` (another image, resized to this one's working size).
+
+        `image` may be an `Inversion` made with `invert(image, reference=reference)`.
+        """
+        started, opts = time.perf_counter(), EditOptions(**options)
+        inversion = self.prepare(image, prompt, opts, reference, reference_prompt)
+        plan = plan_appearance(
+            inversion,
+            self.mask_tensor(mask, inversion, "object mask"),
+            self.mask_tensor(reference_mask, inversion, "reference mask", index=1),
+            weights,
+        )
+        return self.run_plan(inversion, plan, opts, started)
+
+    def drag(
+        self,
+        image,
+        mask,
+        points: list[tuple[Point, Point]],
+        prompt: str = "",
+        weights: DragWeights | None = None,
+        **options,
+    ) -> EditResult:
+        """Drag content: each (handle, target) pair of input-image points moves the content at
+        the handle to the target, within the editable region `mask`."""
+        started, opts = time.perf_counter(), EditOptions(**options)
+        inversion = self.prepare(image, prompt, opts)
+        working = [
+            (
+                self.to_working(inversion, h, f"handle {n + 1}"),
+                self.to_working(inversion, t, f"target {n + 1}"),
+            )
+            for n, (h, t) in enumerate(points)
+        ]
+        plan = plan_drag(
+            inversion, self.mask_tensor(mask, inversion, "editable region"), working, weights
+        )
+        plan.params["points"] = [[list(h), list(t)] for h, t in points]
+        return self.run_plan(inversion, plan, opts, started)
+
+    def paste(
+        self,
+        image,
+        reference,
+        reference_mask,
+        offset: Point = (0.0, 0.0),
+        scale: float = 1.0,
+        prompt: str = "",
+        reference_prompt: str | None = None,
+        weights: PasteWeights | None = None,
+        **options,
+    ) -> EditResult:
+        """Paste the object in `reference_mask` of `reference` into `image`, moved by `offset`
+        (dx, dy input-image pixels) from where it sits in the reference, scaled by `scale`."""
+        started, opts = time.perf_counter(), EditOptions(**options)
+        if not np.isfinite(scale) or scale <= 0:
+            raise InputError(f"scale must be a positive number, got {scale}")
+        inversion = self.prepare(image, prompt, opts, reference, reference_prompt)
+        w, h = inversion.input_sizes[0]
+        working_offset = (
+            offset[0] * inversion.working_size[0] / w,
+            offset[1] * inversion.working_size[1] / h,
+        )
+        plan = plan_paste(
+            inversion,
+            self.mask_tensor(reference_mask, inversion, "reference mask", index=1),
+            working_offset,
+            scale,
+            weights,
+        )
+        plan.params["offset"] = list(offset)
+        return self.run_plan(inversion, plan, opts, started)

@@ -4,6 +4,10 @@ At a guided step the energy gradient g is added to the CFG noise *only where x̂
 direction term keeps the unguided noise (upstream §1.4). The gradient is regional:
 g = k·E_scale·[M ⊙ ∇E_edit + (1−M) ⊙ ∇E_content], taken w.r.t. the current latent through a
 feature-only pass of the same UNet (plain attention, conditional text only).
+
+Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
+(DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,
+time travel at steps 22–28). Step indices are given for 50 steps and scale with the step count.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .attention import BankMode, MemoryBank
-from .ddim import DDIMTimesteps, predict_x0, step_to
+from .ddim import DDIMTimesteps, invert_step, predict_x0, sigma, step_to
 from .features import FeatureExtractor, energy_grid, upsample
 from .inversion import Inversion
 
 EnergyFn = Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-MODES = ("dragon",)
+MODES = ("diffeditor", "dragon")
 
 
 def scaled_step(step_of_50: int, num_steps: int) -> int:
@@ -27,24 +31,69 @@ def scaled_step(step_of_50: int, num_steps: int) -> int:
     return round(step_of_50 * num_steps / 50)
 
 
+def steps_between(first: int, stop: int, num_steps: int, even: bool = False) -> frozenset[int]:
+    """Steps first ≤ i < stop of a 50-step run, scaled to `num_steps`; optionally even i only."""
+    lo, hi = scaled_step(first, num_steps), scaled_step(stop, num_steps)
+    return frozenset(i for i in range(lo, hi) if not even or i % 2 == 0)
+
+
 @dataclass(frozen=True)
 class GuidanceSchedule:
-    """Which denoising steps (i = 0 is the noisiest) get an energy gradient."""
+    """Per-step policy of the sampler (i = 0 is the noisiest step).
+
+    guided: steps with an energy gradient; sde: steps with the regional SDE (η_inside within the
+    plan's SDE mask, η_outside elsewhere); time_travel: steps run `repeats` times, rolled back by
+    one DDIM-inversion step between runs; image_prompt: steps where the image prompt is on.
+    """
 
     mode: str
     num_steps: int
     guided: frozenset[int]
+    sde: frozenset[int] = frozenset()
+    time_travel: frozenset[int] = frozenset()
+    repeats: int = 1
+    image_prompt: frozenset[int] = frozenset()
+    eta_inside: float = 0.0
+    eta_outside: float = 0.0
 
     @classmethod
     def dragon(cls, num_steps: int) -> GuidanceSchedule:
-        """DragonDiffusion: guidance at every one of the first 30 of 50 steps (proportional)."""
-        return cls("dragon", num_steps, frozenset(range(scaled_step(30, num_steps))))
+        """DragonDiffusion: guidance at every one of the first 30 of 50 steps; nothing else."""
+        return cls("dragon", num_steps, steps_between(0, 30, num_steps))
 
     @classmethod
-    def for_mode(cls, mode: str, num_steps: int) -> GuidanceSchedule:
+    def diffeditor(
+        cls, num_steps: int, eta_inside: float = 0.4, eta_outside: float = 0.0, repeats: int = 3
+    ) -> GuidanceSchedule:
+        """DiffEditor as upstream runs it (§1.5–§1.7 of our reading of the code).
+
+        Guidance at i < 10 and even i < 30; SDE at 10 < i < 20 (η 0.4 inside the edit, 0 outside:
+        the paper says 0.2 outside, the code 0); time travel at even 20 < i < 30, 3 runs each;
+        image prompt at 10 ≤ i < 20.
+        """
+        return cls(
+            "diffeditor",
+            num_steps,
+            guided=steps_between(0, 10, num_steps) | steps_between(10, 30, num_steps, even=True),
+            sde=steps_between(11, 20, num_steps),
+            time_travel=steps_between(21, 30, num_steps, even=True),
+            repeats=repeats,
+            image_prompt=steps_between(10, 20, num_steps),
+            eta_inside=eta_inside,
+            eta_outside=eta_outside,
+        )
+
+    @classmethod
+    def for_mode(cls, mode: str, num_steps: int, **options: float) -> GuidanceSchedule:
         if mode == "dragon":
             return cls.dragon(num_steps)
+        if mode == "diffeditor":
+            return cls.diffeditor(num_steps, **options)
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+    def runs(self, i: int, guided_edit: bool) -> int:
+        """How many times step i runs (time travel applies only to edits with guidance)."""
+        return self.repeats if guided_edit and i in self.time_travel else 1
 
 
 @dataclass
@@ -52,8 +101,9 @@ class EditPlan:
     """What an edit changes in the shared sampler: start latent, energy, masks and bank policy.
 
     z_init: (1, 4, h, w) start latent; edit_mask: (1, 1, h, w) M of the regional gradient (1 where
-    the edit energy acts); energy(current, reference) → (E_edit, E_content), both scalars, from
-    feature maps on the energy grid (current: batch 1; reference: the inversion's batch).
+    the edit energy acts); sde_mask: (1, 1, h, w) where the regional SDE uses η_inside;
+    energy(current, reference) → (E_edit, E_content), scalars, from feature maps on the energy grid
+    (current: batch 1; reference: the inversion's batch, e.g. [base, reference image]).
     """
 
     edit: str
@@ -65,6 +115,8 @@ class EditPlan:
     guidance_scale: float
     energy_scale: float
     k: float
+    sde_mask: torch.Tensor | None = None
+    composite_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -76,11 +128,12 @@ class Evaluations:
     denoise: int = 0
     features: int = 0
     backward: int = 0
+    rollback: int = 0
 
     @property
     def forward(self) -> int:
         """All forward passes; feature passes stop after the second-to-last decoder block."""
-        return self.inversion + self.denoise + self.features
+        return self.inversion + self.denoise + self.features + self.rollback
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "forward": self.forward}
@@ -130,44 +183,116 @@ def energy_gradient(
     return plan.k * (m * g_edit + (1 - m) * g_content)
 
 
-@torch.no_grad()
-def sample(
-    unet: torch.nn.Module,
-    features: FeatureExtractor,
-    bank: MemoryBank,
-    inversion: Inversion,
-    plan: EditPlan,
-    schedule: GuidanceSchedule,
-    steps: DDIMTimesteps,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    counts: Evaluations,
-    callback: Callable[[dict], None] | None = None,
+def regional_sde_step(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: float,
+    a_next: float,
+    mask: torch.Tensor,
+    eta_inside: float,
+    eta_outside: float,
+    noise: torch.Tensor,
 ) -> torch.Tensor:
-    """Run the guided DDIM loop from plan.z_init and return z_0 (1, 4, h, w)."""
-    z = plan.z_init
-    feature_text = inversion.text[:1]
-    grid = energy_grid(tuple(z.shape[-2:]))
-    bank.store = inversion.memory
-    try:
-        for i, t in enumerate(steps.timesteps):
-            bank.step = i
-            bank.mode = plan.bank_mode if i in plan.bank_steps else BankMode.OFF
-            eps = cfg_noise(unet, z, t, cond, uncond, plan.guidance_scale, counts)
-            bank.mode = BankMode.OFF
-            guided_eps = eps
-            if i in schedule.guided:
-                z_ref = inversion.at_step(i)
-                reference = upsample(
-                    features(z_ref, t, feature_text.expand(len(z_ref), -1, -1)), grid
-                )
-                counts.features += len(z_ref)
-                g = energy_gradient(features, plan, z, t, feature_text, reference, counts)
-                guided_eps = eps + g
-            x0 = predict_x0(z, guided_eps, steps.alpha[i])
-            z = step_to(x0, eps, steps.alpha_next[i])
-            if callback is not None:
-                callback({"i": i, "t": t, "z": z, "x0": x0, "guided": i in schedule.guided})
-    finally:
-        bank.mode = BankMode.OFF
-    return z
+    """DDIM-η step with η_inside where mask = 1 and η_outside elsewhere, one shared noise draw."""
+    s_in, s_out = sigma(a_t, a_next, eta_inside), sigma(a_t, a_next, eta_outside)
+    inside = step_to(x0, eps, a_next, s_in) + s_in * noise
+    outside = step_to(x0, eps, a_next, s_out) + s_out * noise
+    m = mask.to(x0.dtype)
+    return m * inside + (1 - m) * outside
+
+
+@dataclass
+class Sampler:
+    """The guided DDIM loop over one inversion and one plan; `run()` returns z_0 (1, 4, h, w)."""
+
+    unet: torch.nn.Module
+    features: FeatureExtractor
+    bank: MemoryBank
+    inversion: Inversion
+    plan: EditPlan
+    schedule: GuidanceSchedule
+    steps: DDIMTimesteps
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    counts: Evaluations
+    generator: torch.Generator | None = None
+    set_image_prompt: Callable[[bool], None] | None = None
+    callback: Callable[[dict], None] | None = None
+
+    def image_prompt(self, on: bool) -> None:
+        if self.set_image_prompt is not None:
+            self.set_image_prompt(on)
+
+    def reference_features(self, i: int) -> list[torch.Tensor]:
+        """Features of the trajectory latents at step i (every image of the inversion)."""
+        z_ref = self.inversion.at_step(i)
+        text = self.inversion.text[:1].expand(len(z_ref), -1, -1)
+        self.counts.features += len(z_ref)
+        grid = energy_grid(tuple(z_ref.shape[-2:]))
+        return upsample(self.features(z_ref, self.steps.timesteps[i], text), grid)
+
+    def step(self, i: int, z: torch.Tensor, reference: list[torch.Tensor] | None) -> torch.Tensor:
+        """One denoising step i from z; guided when reference features are given."""
+        plan, steps, t = self.plan, self.steps, self.steps.timesteps[i]
+        self.bank.step = i
+        self.bank.mode = plan.bank_mode if i in plan.bank_steps else BankMode.OFF
+        self.image_prompt(i in self.schedule.image_prompt)
+        try:
+            eps = cfg_noise(
+                self.unet, z, t, self.cond, self.uncond, plan.guidance_scale, self.counts
+            )
+        finally:
+            self.bank.mode = BankMode.OFF
+            self.image_prompt(False)
+        guided_eps = eps
+        if reference is not None:
+            text = self.inversion.text[:1]
+            guided_eps = eps + energy_gradient(
+                self.features, plan, z, t, text, reference, self.counts
+            )
+        x0 = predict_x0(z, guided_eps, steps.alpha[i])
+        if i in self.schedule.sde and plan.sde_mask is not None:
+            noise = torch.randn(z.shape, generator=self.generator).to(z.device, z.dtype)
+            return regional_sde_step(
+                x0,
+                eps,
+                steps.alpha[i],
+                steps.alpha_next[i],
+                plan.sde_mask,
+                self.schedule.eta_inside,
+                self.schedule.eta_outside,
+                noise,
+            )
+        return step_to(x0, eps, steps.alpha_next[i])
+
+    def rollback(self, i: int, z_next: torch.Tensor) -> torch.Tensor:
+        """Time travel: one deterministic inversion step from step i's output back to its input
+        level, with the plain conditional UNet (no bank, no image prompt, no CFG)."""
+        t_next = self.steps.timesteps[i] - self.steps.ratio
+        eps = self.unet(z_next, t_next, encoder_hidden_states=self.cond).sample
+        self.counts.rollback += z_next.shape[0]
+        return invert_step(z_next, eps, self.steps.alpha_next[i], self.steps.alpha[i])
+
+    @torch.no_grad()
+    def run(self) -> torch.Tensor:
+        z = self.plan.z_init
+        self.bank.store = self.inversion.memory
+        self.bank.composite_masks = self.plan.composite_masks
+        guided_edit = self.plan.energy_scale > 0
+        try:
+            for i in range(len(self.steps)):
+                guided = guided_edit and i in self.schedule.guided
+                reference = self.reference_features(i) if guided else None
+                runs = self.schedule.runs(i, guided_edit)
+                for run in range(runs):
+                    z_next = self.step(i, z, reference)
+                    # No rollback after the last run: upstream computed and discarded one.
+                    if run < runs - 1:
+                        z = self.rollback(i, z_next)
+                z = z_next
+                if self.callback is not None:
+                    self.callback({"i": i, "z": z, "guided": guided, "runs": runs})
+        finally:
+            self.bank.mode = BankMode.OFF
+            self.bank.composite_masks = None
+        return z

@@ -1,13 +1,13 @@
-"""Object moving and resizing (DragonDiffusion §3.1 of our upstream reading).
+"""Object moving and resizing (upstream §3.1).
 
 The object (mask m_gud) is moved so that the handle point lands on the target point and scaled by
 `scale` about the handle. Deliberate deviations from upstream, each because upstream's choice
 breaks for ordinary input: the scale is about the handle, not the image centre (so resizing does not
-also move the object); moving is a clipped warp, not a wrap-around roll; the reference features are
-warped onto the target cell by cell instead of pairing two masks in raster order (identical when
-nothing is clipped, still aligned when the object is partly pushed out of the image); and an empty
-vacated region (an in-place enlargement) drops the contrast and inpainting terms instead of
-producing NaN.
+also move the object); moving is a clipped warp, not a wrap-around roll, and a move that pushes more
+than half of the object out of the image is refused; the reference features are warped onto the
+target cell by cell instead of pairing two masks in raster order (identical when nothing is
+clipped, still aligned when the object is partly pushed out); and an empty vacated region (an
+in-place enlargement) drops the contrast and inpainting terms instead of producing NaN.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
 from ..features import energy_grid
-from ..geometry import Point, Size, mask_to_grid, require_nonempty, warp
+from ..geometry import Point, Size, mask_to_grid, require_nonempty, require_visible, warp
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
 
@@ -60,11 +60,8 @@ def move_masks(
     original = require_nonempty(
         mask_to_grid(mask, grid), "the object mask", "draw a larger object mask"
     )
-    target = require_nonempty(
-        warp(original.float(), size, src, dst, scale) > 0.5,
-        "the moved object",
-        "it would leave the image or vanish; move it less far or scale it less",
-    )
+    target = warp(original.float(), size, src, dst, scale) > 0.5
+    require_visible(target, original, scale, "the moved object")
     other = require_nonempty(
         ~(original | target),
         "the area outside the object",
@@ -121,8 +118,7 @@ def plan_move(
     # The object's inverted noise is copied to its new place, the same warp as the masks.
     object_latent = mask_to_grid(mask, latent_hw).to(z_T.dtype)
     target_latent = warp(object_latent, size, src, dst, scale) > 0.5
-    moved_noise = warp(z_T, size, src, dst, scale)
-    z_init = torch.where(target_latent, moved_noise, z_T)
+    z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
     n = inversion.num_steps
     return EditPlan(
         edit="move",
@@ -134,5 +130,6 @@ def plan_move(
         guidance_scale=w.guidance_scale,
         energy_scale=w.energy_scale,
         k=w.k,
-        params={"from": list(src), "to": list(dst), "scale": scale, "weights": asdict(w)},
+        sde_mask=target_latent | object_latent.bool(),
+        params={"scale": scale, "weights": asdict(w)},
     )

@@ -1,0 +1,823 @@
+"""Train the embedded demo model: a small Stable-Diffusion-1.x-format bundle for CPU use.
+
+The model has SD 1.x's structure at small widths (8× VAE with 4 latent channels, a UNet with
+3 cross-attention down blocks + 1 plain and 1 plain up block + 3 cross-attention ones, a small
+CLIP text encoder, SD 1.5's noise schedule) and works on 128×128 images (16×16 latents). It
+learns procedural scenes (`dragondiffusion.scenes`) with their captions, plus random crops of the
+colour photos in scikit-image's data module captioned "a photo".
+
+Training runs in phases, each resumable and each stopping cleanly (checkpoint written) after
+--minutes, after --steps, or on SIGINT/SIGTERM:
+
+  vae     the autoencoder (L1 + image-gradient L1 + SD's small KL term)
+  unet    UNet and text encoder together, on the frozen VAE's latents; 10 % of captions empty
+  export  the bundle, via StableDiffusionPipeline.save_pretrained (fp16 safetensors)
+
+On a 2-core machine, in the background, with one thread so the other core stays free:
+
+  nohup python scripts/train_demo_model.py --phase vae --resume --minutes 120 --threads 1 \\
+      >> out/demo-model/train.out 2>&1 &
+
+Repeat with --resume until the logged PSNR stops improving, then the same for --phase unet,
+then --phase export. Everything lands in --out (default out/demo-model): config.json (the
+settings), run.json (every run with its duration and speed), {phase}_log.jsonl (losses),
+checkpoints/{phase}.safetensors (the one current checkpoint of each phase) and bundle/.
+`--smoke` runs all three phases for a few steps at batch 2 into a fresh folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dragondiffusion import scenes
+from dragondiffusion.testing import SD15_SCHEDULER, byte_alphabet
+
+PHOTO_CAPTION = "a photo"
+TRAIN_PHOTOS = (
+    "astronaut",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+    "immunohistochemistry",
+    "retina",
+    "hubble_deep_field",
+)
+"""scikit-image colour photos that load offline and are used for training."""
+HELD_OUT_PHOTOS = ("chelsea", "coffee")
+"""scikit-image colour photos kept out of training, for evaluation and tests."""
+TRAIN_SEED_FLOOR = 2**32
+"""Training scenes use seeds at or above this; smaller seeds are never seen in training."""
+PHASES = ("vae", "unet", "export")
+STREAMS = ("vae", "unet", "scaling")
+"""Independent random data streams: one per training phase, one for the latent scale."""
+MAX_BUNDLE_BYTES = 30_000_000
+IMAGE_SIZE = 128
+"""Image side in pixels; the 8× VAE makes 16×16 latents."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; saved to config.json and reused on resume."""
+
+    seed: int = 0
+    vae_channels: tuple[int, ...] = (16, 32, 64, 128)
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 8
+    unet_channels: tuple[int, ...] = (64, 128, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_norm_groups: int = 32
+    unet_attention_head_dim: int = 8
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate: int = 512
+    max_tokens: int = 77
+    vae_batch: int = 8
+    unet_batch: int = 32
+    vae_lr: float = 2e-4
+    unet_lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    kl_weight: float = 1e-6
+    """SD's VAE KL weight, relative to a per-pixel reconstruction loss summed over the image."""
+    gradient_weight: float = 1.0
+    """Weight of the L1 loss on horizontal/vertical pixel differences, which keeps edges sharp."""
+    vae_photo_share: float = 0.25
+    unet_photo_share: float = 0.1
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    scaling_samples: int = 64
+    """Training images whose latent standard deviation sets the VAE's scaling_factor."""
+    eval_scenes: int = 16
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_minutes: float = 10.0
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        fields = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+SMOKE = {
+    "vae_batch": 2,
+    "unet_batch": 2,
+    "scaling_samples": 4,
+    "eval_scenes": 2,
+    "eval_every": 2,
+    "log_every": 1,
+}
+"""Overrides for --smoke: the real architecture at batch 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: CLIP byte-level BPE whose merges spell every caption word as one token.
+
+
+def caption_words() -> list[str]:
+    """Every word of the training captions."""
+    return sorted(set(scenes.vocabulary()) | set(PHOTO_CAPTION.split()))
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges, in rank order, that turn each word (+ "</w>") into a single symbol.
+
+    Classic BPE training run to completion: merge the most frequent adjacent pair (ties broken
+    alphabetically) until no word has two symbols left. Encoding applies merges by rank, which
+    replays this run, so each word encodes to one token.
+    """
+    spelled = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges = []
+    while True:
+        pairs = Counter(p for s in spelled for p in itertools.pairwise(s))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        spelled = [_merge(s, best) for s in spelled]
+
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """Write vocab.json and merges.txt of the caption tokenizer into `folder`.
+
+    The vocabulary holds CLIP's 512 byte symbols (so any text encodes without unknown tokens),
+    every merge result, and the start/end tokens last, as in CLIP.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = byte_alphabet()
+    merges = learn_merges(caption_words())
+    tokens = [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges)]
+    tokens = [*dict.fromkeys(tokens), "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n")
+
+
+def build_tokenizer(max_tokens: int = 77) -> CLIPTokenizer:
+    """The caption tokenizer, loaded by transformers from `write_tokenizer_files`' files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+def build_components(config: TrainConfig) -> dict[str, Any]:
+    """Freshly initialised vae, unet, text_encoder, tokenizer and scheduler (DDIM, SD 1.5)."""
+    torch.manual_seed(config.seed)
+    tokenizer = build_tokenizer(config.max_tokens)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        block_out_channels=config.vae_channels,
+        layers_per_block=config.vae_layers_per_block,
+        norm_num_groups=config.vae_norm_groups,
+        latent_channels=4,
+        sample_size=IMAGE_SIZE,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=config.unet_channels,
+        layers_per_block=config.unet_layers_per_block,
+        norm_num_groups=config.unet_norm_groups,
+        attention_head_dim=config.unet_attention_head_dim,
+        cross_attention_dim=config.text_hidden,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_hidden,
+            intermediate_size=config.text_intermediate,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.max_tokens,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return {
+        "vae": vae,
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(**SD15_SCHEDULER),
+    }
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data. Every batch is a pure function of (seed, phase, step), so resumed runs see the same data.
+
+
+def load_photos(names: tuple[str, ...]) -> list[Image.Image]:
+    """scikit-image data photos as RGB PIL images (motorcycle_left/right: the stereo pair)."""
+    import skimage.data
+
+    left, right, _ = skimage.data.stereo_motorcycle()
+    special = {"motorcycle_left": left, "motorcycle_right": right}
+    arrays = [special[n] if n in special else getattr(skimage.data, n)() for n in names]
+    return [Image.fromarray(a).convert("RGB") for a in arrays]
+
+
+def photo_crop(photo: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float RGB: a random square crop (25-100 % of the short side), resized,
+    maybe mirrored, with brightness, contrast and saturation jitter."""
+    w, h = photo.size
+    side = rng.uniform(0.25, 1.0) * min(w, h)
+    x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+    box = (x0, y0, x0 + side, y0 + side)
+    image = np.asarray(photo.resize((size, size), Image.Resampling.BICUBIC, box=box), np.float32)
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    grey = image.mean(axis=-1, keepdims=True)
+    image = grey + (image - grey) * rng.uniform(0.7, 1.3)
+    image = (image - image.mean()) * rng.uniform(0.8, 1.2) + image.mean()
+    return np.clip(image * rng.uniform(0.8, 1.2), 0.0, 255.0)
+
+
+def centre_crop(photo: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) float RGB of the largest centred square, resized."""
+    w, h = photo.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(photo.resize((size, size), Image.Resampling.BICUBIC, box=box), np.float32)
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """(B, 3, H, W) float32 in [-1, 1] from a list of (H, W, 3) RGB arrays in [0, 255]."""
+    batch = torch.from_numpy(np.stack(images).astype(np.float32))
+    return batch.permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def batch_rng(config: TrainConfig, stream: str, step: int) -> np.random.Generator:
+    """The generator for one step of a data stream (a name in STREAMS)."""
+    return np.random.default_rng([config.seed, STREAMS.index(stream), step])
+
+
+def training_batch(
+    rng: np.random.Generator, size: int, photo_share: float, photos: list[Image.Image]
+) -> tuple[torch.Tensor, list[str]]:
+    """`size` images (B, 3, H, W) in [-1, 1] with captions: random scenes, and photo crops for
+    a `photo_share` of them."""
+    images, captions = [], []
+    for _ in range(size):
+        if rng.random() < photo_share:
+            images.append(photo_crop(photos[rng.integers(len(photos))], rng, IMAGE_SIZE))
+            captions.append(PHOTO_CAPTION)
+        else:
+            seed = int(rng.integers(TRAIN_SEED_FLOOR, 2**63))
+            scene = scenes.random_scene(seed, size=IMAGE_SIZE)
+            images.append(scenes.render(scene)[0])
+            captions.append(scenes.caption(scene))
+    return to_tensor(images), captions
+
+
+def eval_batch(config: TrainConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Held-out scenes (seeds 0, 1, ...) with captions, and the held-out photos."""
+    shown = [scenes.random_scene(seed, size=IMAGE_SIZE) for seed in range(config.eval_scenes)]
+    images = to_tensor([scenes.render(s)[0] for s in shown])
+    photos = [centre_crop(p, IMAGE_SIZE) for p in load_photos(HELD_OUT_PHOTOS)]
+    return images, [scenes.caption(s) for s in shown], to_tensor(photos)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two image batches in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b) ** 2).mean().item() / 4.0
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses.
+
+
+def vae_loss(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, config: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction L1 + L1 of pixel differences + KL, as in SD's VAE minus LPIPS and GAN."""
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample(generator)).sample
+    l1 = (recon - images).abs().mean()
+    gradient = sum((recon.diff(dim=d) - images.diff(dim=d)).abs().mean() for d in (-1, -2)) / 2.0
+    kl = posterior.kl().mean() / images[0].numel()
+    loss = l1 + config.gradient_weight * gradient + config.kl_weight * kl
+    return loss, {"l1": l1.item(), "kl": kl.item(), "psnr": psnr(recon.detach(), images)}
+
+
+def encode_prompts(
+    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]
+) -> torch.Tensor:
+    """(B, tokens, hidden) text encoder states, the UNet's cross-attention context."""
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids)[0]
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """What the UNet phase trains (unet, text_encoder) and what it needs to do so."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    """Only its noise schedule is used, to noise latents (SD 1.5's, as in the bundle)."""
+
+
+def denoising_loss(
+    model: Denoiser,
+    latents: torch.Tensor,
+    captions: list[str],
+    generator: torch.Generator,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SD's objective: MSE between the noise added at random timesteps and the UNet's estimate."""
+    if timesteps is None:
+        steps = model.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(latents),), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = model.scheduler.add_noise(latents, noise, timesteps)
+    context = encode_prompts(model.text_encoder, model.tokenizer, captions)
+    prediction = model.unet(noisy, timesteps, context).sample
+    return torch.nn.functional.mse_loss(prediction, noise)
+
+
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, scale: float
+) -> torch.Tensor:
+    """(B, 4, H/8, W/8) scaled latents sampled from the frozen VAE's posterior."""
+    with torch.no_grad():
+        return vae.encode(images).latent_dist.sample(generator) * scale
+
+
+def drop_captions(captions: list[str], rng: np.random.Generator, rate: float) -> list[str]:
+    """Captions with each replaced by "" with probability `rate` (for classifier-free guidance)."""
+    return ["" if rng.random() < rate else c for c in captions]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file per phase holding fp16 weights (and EMA), bf16 Adam moments
+# (fp16 would flush small second moments to zero) and the counters as metadata. It is written
+# next to the old one and renamed over it, so a crash never leaves a broken checkpoint.
+
+
+def checkpoint_path(out: Path, phase: str) -> Path:
+    return out / "checkpoints" / f"{phase}.safetensors"
+
+
+def to_float16(t: torch.Tensor) -> torch.Tensor:
+    """Floating tensors as fp16; integer buffers (e.g. position ids) unchanged."""
+    return t.half() if t.is_floating_point() else t
+
+
+def to_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+def save_checkpoint(
+    path: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: list[torch.Tensor] | None,
+    metadata: dict[str, Any],
+) -> None:
+    names = [n for n, _ in module.named_parameters()]
+    tensors = {f"model.{k}": to_float16(v) for k, v in module.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema.{n}": e.half() for n, e in zip(names, ema, strict=True)}
+    adam_step = 0
+    for name, param in zip(names, module.parameters(), strict=True):
+        state = optimizer.state.get(param)
+        if state:
+            tensors[f"adam_avg.{name}"] = state["exp_avg"].bfloat16()
+            tensors[f"adam_sq.{name}"] = state["exp_avg_sq"].bfloat16()
+            adam_step = int(state["step"])
+    metadata = {**{k: json.dumps(v) for k, v in metadata.items()}, "adam_step": str(adam_step)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    os.replace(partial, path)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata()
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def load_checkpoint(
+    path: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; return its metadata."""
+    tensors = load_file(str(path))
+    module.load_state_dict({k[6:]: to_float32(v) for k, v in tensors.items() if k[:6] == "model."})
+    metadata = read_metadata(path)
+    names = [n for n, _ in module.named_parameters()]
+    if ema is not None:
+        for name, e in zip(names, ema, strict=True):
+            e.copy_(tensors[f"ema.{name}"].float())
+    if optimizer is not None:
+        for name, param in zip(names, module.parameters(), strict=True):
+            if f"adam_avg.{name}" in tensors:
+                optimizer.state[param] = {
+                    "step": torch.tensor(float(metadata["adam_step"])),
+                    "exp_avg": tensors[f"adam_avg.{name}"].float(),
+                    "exp_avg_sq": tensors[f"adam_sq.{name}"].float(),
+                }
+    return metadata
+
+
+def ema_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The EMA parameters (and the plain buffers) of the UNet-phase module in a checkpoint."""
+    tensors = load_file(str(path))
+    weights = {k[6:]: v for k, v in tensors.items() if k[:6] == "model."}
+    weights |= {k[4:]: v for k, v in tensors.items() if k[:4] == "ema."}
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop, shared by both phases.
+
+
+@dataclass
+class Phase:
+    """What differs between phases: the trained module, its loss, and extra checkpoint data.
+
+    step_loss(step) returns the loss of the batch for `step` and metrics to log.
+    evaluate() returns held-out metrics.
+    """
+
+    name: str
+    module: torch.nn.Module
+    lr: float
+    step_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[], dict[str, float]]
+    use_ema: bool
+    metadata: dict[str, Any]
+
+
+@dataclass
+class StopRule:
+    """When a run ends: after `minutes`, at `max_steps` total steps, or on a signal."""
+
+    minutes: float | None
+    max_steps: int | None
+    signalled: bool = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        print(f"signal {signum}: stopping after this step", flush=True)
+        self.signalled = True
+
+    def done(self, step: int, seconds: float, seconds_per_step: float) -> bool:
+        if self.signalled or (self.max_steps is not None and step >= self.max_steps):
+            return True
+        return self.minutes is not None and seconds + seconds_per_step > 60.0 * self.minutes
+
+
+def trim_log(log: Path, last_step: int) -> None:
+    """Drop log lines after `last_step`: steps a crashed run did not checkpoint are redone."""
+    if log.exists():
+        lines = log.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        log.write_text("".join(line + "\n" for line in kept))
+
+
+def run_phase(phase: Phase, config: TrainConfig, out: Path, stop: StopRule, resume: bool) -> int:
+    """Train until `stop` says so, checkpointing along the way; return the phase's step count."""
+    params = list(phase.module.parameters())
+    optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=config.weight_decay)
+    ema = [p.detach().clone() for p in params] if phase.use_ema else None
+    path = checkpoint_path(out, phase.name)
+    log = out / f"{phase.name}_log.jsonl"
+    step, elapsed = 0, 0.0
+    if path.exists():
+        if not resume:
+            raise SystemExit(f"{path} exists; pass --resume to continue it, or use another --out")
+        metadata = load_checkpoint(path, phase.module, optimizer, ema)
+        step, elapsed = metadata["step"], metadata["elapsed_s"]
+        print(f"resumed {phase.name} at step {step} ({elapsed / 3600:.2f} h trained)", flush=True)
+    trim_log(log, step)
+    start_step, start_time = step, time.monotonic()
+    last_save, window, seconds_per_step = start_time, [], 0.0
+
+    def checkpoint() -> None:
+        meta = {
+            **phase.metadata,
+            "step": step,
+            "elapsed_s": elapsed + time.monotonic() - start_time,
+        }
+        save_checkpoint(path, phase.module, optimizer, ema, meta)
+
+    phase.module.train()
+    while not stop.done(step, time.monotonic() - start_time, seconds_per_step):
+        tick = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = phase.lr * min(1.0, (step + 1) / config.warmup_steps)
+        loss, metrics = phase.step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            # The usual EMA warm-up: early on the average follows the weights closely.
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        step += 1
+        seconds_per_step = time.monotonic() - tick
+        window.append({"loss": loss.item(), **metrics, "s_per_step": seconds_per_step})
+        if step % config.log_every == 0 or step % config.eval_every == 0:
+            record = {"step": step, "elapsed_s": round(elapsed + time.monotonic() - start_time)}
+            record |= {k: round(float(np.mean([w[k] for w in window])), 5) for k in window[0]}
+            if step % config.eval_every == 0:
+                record |= {f"eval_{k}": round(v, 5) for k, v in phase.evaluate().items()}
+            with log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+            window = []
+        if time.monotonic() - last_save > 60.0 * config.checkpoint_minutes:
+            checkpoint()
+            last_save = time.monotonic()
+    checkpoint()
+    record_run(out, phase.name, start_step, step, time.monotonic() - start_time)
+    return step
+
+
+def record_run(out: Path, phase: str, first: int, last: int, seconds: float) -> None:
+    """Append this run (steps, wall time, speed, threads) to run.json and update phase totals."""
+    path = out / "run.json"
+    runs = json.loads(path.read_text()) if path.exists() else {"runs": [], "totals": {}}
+    runs["runs"].append(
+        {
+            "phase": phase,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "steps": [first, last],
+            "seconds": round(seconds, 1),
+            "s_per_step": round(seconds / max(1, last - first), 3),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "command": sys.argv,
+        }
+    )
+    total = runs["totals"].setdefault(phase, {"steps": 0, "seconds": 0.0})
+    total["steps"] = last
+    total["seconds"] = round(total["seconds"] + seconds, 1)
+    path.write_text(json.dumps(runs, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases.
+
+
+def vae_phase(config: TrainConfig, parts: dict[str, Any]) -> Phase:
+    vae: AutoencoderKL = parts["vae"]
+    photos = load_photos(TRAIN_PHOTOS)
+    eval_scenes, _, eval_photos = eval_batch(config)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = batch_rng(config, "vae", step)
+        images, _ = training_batch(rng, config.vae_batch, config.vae_photo_share, photos)
+        return vae_loss(vae, images, torch.Generator().manual_seed(step), config)
+
+    def evaluate() -> dict[str, float]:
+        with torch.no_grad():
+            return {
+                "psnr_scenes": psnr(vae(eval_scenes).sample, eval_scenes),
+                "psnr_photos": psnr(vae(eval_photos).sample, eval_photos),
+            }
+
+    return Phase("vae", vae, config.vae_lr, step_loss, evaluate, use_ema=False, metadata={})
+
+
+def load_frozen_vae(out: Path, vae: AutoencoderKL) -> AutoencoderKL:
+    path = checkpoint_path(out, "vae")
+    if not path.exists():
+        raise SystemExit(f"no VAE checkpoint at {path}; run --phase vae first")
+    load_checkpoint(path, vae)
+    return vae.eval().requires_grad_(False)
+
+
+def latent_scale(config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image]) -> float:
+    """1 / standard deviation of the VAE's latents over training images (SD 1.x: 0.18215)."""
+    rng = batch_rng(config, "scaling", 0)
+    images, _ = training_batch(rng, config.scaling_samples, config.unet_photo_share, photos)
+    latents = encode_latents(vae, images, torch.Generator().manual_seed(config.seed), 1.0)
+    return 1.0 / latents.std().item()
+
+
+def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path) -> Phase:
+    vae = load_frozen_vae(out, parts["vae"])
+    photos = load_photos(TRAIN_PHOTOS)
+    previous = checkpoint_path(out, "unet")
+    # The scale is fixed when the phase starts: the UNet learns latents at that scale.
+    if previous.exists():
+        scale = read_metadata(previous)["scaling_factor"]
+    else:
+        scale = latent_scale(config, vae, photos)
+    model = Denoiser(parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"])
+    module = torch.nn.ModuleDict({"unet": model.unet, "text_encoder": model.text_encoder})
+    eval_images, eval_captions, _ = eval_batch(config)
+    eval_latents = encode_latents(vae, eval_images, torch.Generator().manual_seed(0), scale)
+    eval_steps = torch.linspace(50, 950, len(eval_latents)).long()
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = batch_rng(config, "unet", step)
+        images, captions = training_batch(rng, config.unet_batch, config.unet_photo_share, photos)
+        captions = drop_captions(captions, rng, config.caption_dropout)
+        generator = torch.Generator().manual_seed(step)
+        latents = encode_latents(vae, images, generator, scale)
+        return denoising_loss(model, latents, captions, generator), {}
+
+    def evaluate() -> dict[str, float]:
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            loss = denoising_loss(model, eval_latents, eval_captions, generator, eval_steps)
+        return {"loss": loss.item()}
+
+    metadata = {"scaling_factor": scale}
+    return Phase("unet", module, config.unet_lr, step_loss, evaluate, True, metadata)
+
+
+def export_bundle(config: TrainConfig, out: Path, bundle: Path) -> Path:
+    """Write the bundle from the phases' checkpoints (EMA weights for UNet and text encoder)."""
+    parts = build_components(config)
+    vae = load_frozen_vae(out, parts["vae"])
+    path = checkpoint_path(out, "unet")
+    if not path.exists():
+        raise SystemExit(f"no UNet checkpoint at {path}; run --phase unet first")
+    module = torch.nn.ModuleDict({"unet": parts["unet"], "text_encoder": parts["text_encoder"]})
+    module.load_state_dict({k: to_float32(v) for k, v in ema_weights(path).items()})
+    vae.register_to_config(scaling_factor=read_metadata(path)["scaling_factor"])
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for part in (vae, parts["unet"], parts["text_encoder"]):
+        part.half()
+    staging = bundle.with_name(bundle.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    finish_bundle(staging)
+    shutil.rmtree(bundle, ignore_errors=True)
+    os.replace(staging, bundle)
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    print(f"wrote {bundle} ({size / 1e6:.1f} MB)", flush=True)
+    if size > MAX_BUNDLE_BYTES:
+        raise SystemExit(f"bundle is {size / 1e6:.1f} MB, over the 30 MB budget; narrow the model")
+    return bundle
+
+
+def finish_bundle(bundle: Path) -> None:
+    """Make the saved bundle load the same way with every supported transformers version.
+
+    transformers ≥ 5 loads weights in their stored dtype unless the config names one, while
+    diffusers loads into float32: an fp16 text encoder would then feed a float32 UNet. Naming
+    float32 keeps storage fp16 and computation float32. vocab.json + merges.txt are what
+    transformers 4's CLIPTokenizer reads (5 writes only tokenizer.json).
+    """
+    config_path = bundle / "text_encoder" / "config.json"
+    text_config = json.loads(config_path.read_text())
+    text_config["dtype"] = text_config["torch_dtype"] = "float32"
+    config_path.write_text(json.dumps(text_config, indent=2) + "\n")
+    write_tokenizer_files(bundle / "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def load_config(out: Path, smoke: bool) -> TrainConfig:
+    """The run's config: config.json in `out` if there is one, else the defaults (written)."""
+    path = out / "config.json"
+    if path.exists():
+        return TrainConfig.from_json(path.read_text())
+    config = dataclasses.replace(TrainConfig(), **SMOKE) if smoke else TrainConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json() + "\n")
+    return config
+
+
+def run(phase: str, out: Path, stop: StopRule, resume: bool, bundle: Path | None) -> None:
+    config = load_config(out, smoke=False)
+    if phase == "export":
+        export_bundle(config, out, bundle or out / "bundle")
+        return
+    parts = build_components(config)
+    spec = vae_phase(config, parts) if phase == "vae" else unet_phase(config, parts, out)
+    counts = {k: parameter_count(parts[k]) for k in ("vae", "unet", "text_encoder")}
+    batch = config.vae_batch if phase == "vae" else config.unet_batch
+    print(f"{phase}: parameters {counts}, batch {batch}", flush=True)
+    stop.install()
+    run_phase(spec, config, out, stop, resume)
+
+
+def smoke(out: Path) -> None:
+    """All phases for 3 steps each at batch 2, then check the bundle with plain diffusers."""
+    if out.exists():
+        raise SystemExit(f"{out} exists; --smoke needs a fresh --out folder")
+    load_config(out, smoke=True)
+    for phase in ("vae", "unet"):
+        run(phase, out, StopRule(minutes=None, max_steps=3), resume=False, bundle=None)
+    run("export", out, StopRule(minutes=None, max_steps=None), resume=False, bundle=None)
+    pipeline = StableDiffusionPipeline.from_pretrained(out / "bundle")
+    image = pipeline(
+        scenes.caption(scenes.random_scene(0)), num_inference_steps=2, output_type="np"
+    ).images[0]
+    print(f"smoke: bundle loads with diffusers and generates {image.shape}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phase", choices=PHASES, help="what to train or write")
+    parser.add_argument("--out", type=Path, default=Path("out/demo-model"), help="run folder")
+    parser.add_argument("--resume", action="store_true", help="continue the phase's checkpoint")
+    parser.add_argument("--minutes", type=float, help="stop cleanly after this many minutes")
+    parser.add_argument("--steps", type=int, help="stop when the phase reaches this many steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--bundle", type=Path, help="export destination (default OUT/bundle)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of every phase")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        smoke(args.out)
+    elif args.phase is None:
+        parser.error("pass --phase vae|unet|export, or --smoke")
+    else:
+        run(args.phase, args.out, StopRule(args.minutes, args.steps), args.resume, args.bundle)
+
+
+if __name__ == "__main__":
+    main()

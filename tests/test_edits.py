@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from dragondiffusion.attention import BankMode
+from dragondiffusion.edits.drag import drag_pair, plan_drag
+from dragondiffusion.edits.paste import plan_paste
+from dragondiffusion.errors import InputError
+
+SIZE = (192, 128)  # working size of the 160×96 `scene` fixture; latents 16×24, energy grid 32×48
+
+
+def box(size, x0, y0, x1, y1):
+    m = torch.zeros(1, 1, size[1], size[0])
+    m[..., y0:y1, x0:x1] = 1
+    return m
+
+
+def test_drag_points_are_clamped_on_their_own_axis():
+    """Upstream clamped x against the grid height: a bug on landscape images."""
+    p = drag_pair((190, 60), (191, 127), SIZE, (32, 48), "cpu")
+    assert p.handle == (47, 15) and p.target == (47, 31)
+    assert p.target_patch[0, 0, 30:, 46:].all() and p.target_patch.sum() == 4  # clipped 3×3
+
+
+def test_drag_copies_the_handle_latent_patch_and_keeps_the_rest(inversion):
+    mask = box(SIZE, 0, 0, 192, 96)
+    plan = plan_drag(inversion, mask, [((40, 40), (80, 40))])
+    z_T = inversion.latents[-1]
+    # 8 working px per latent cell: handle cell (5, 5) → target cell (10, 5)
+    assert torch.equal(plan.z_init[..., 4:7, 9:12], z_T[..., 4:7, 4:7])
+    assert torch.equal(plan.z_init[..., 4:7, :9], z_T[..., 4:7, :9])
+    assert plan.params["cells"] == [[[10, 10], [20, 10]]]
+    assert plan.bank_mode is BankMode.CONCAT and plan.bank_steps == range(1, 10)
+
+
+def test_zero_length_drag_and_empty_regions(inversion):
+    mask = box(SIZE, 0, 0, 192, 96)
+    plan = plan_drag(inversion, mask, [((40, 40), (41, 41))])
+    feats = [torch.randn(1, 4, 32, 48) for _ in range(2)]
+    e_edit, e_content = plan.energy(feats, feats)
+    assert torch.isfinite(e_edit) and torch.isfinite(e_content)
+    with pytest.raises(InputError, match="covers the whole image"):
+        plan_drag(inversion, box(SIZE, 0, 0, 192, 128), [((40, 40), (80, 40))])
+    with pytest.raises(InputError, match="no drag points"):
+        plan_drag(inversion, mask, [])
+
+
+def test_paste_is_clipped_not_wrapped_and_copies_reference_noise(pipe, scene):
+    img, _mask = scene
+    inv = pipe.invert(img, "a scene", 4, reference=img[:, ::-1].copy())
+    ref_mask = box(SIZE, 24, 40, 56, 72)
+    plan = plan_paste(inv, ref_mask, (136, 0))  # object centre 40 → 176: 8 px past the edge
+    assert plan.edit_mask[..., :, :10].sum() == 0, "nothing wraps to the left side"
+    assert plan.edit_mask[..., :, -1].any()
+    z_T = inv.latents[-1]
+    assert torch.equal(plan.z_init[0, :, 5:9, 20:23], z_T[1, :, 5:9, 3:6])
+    assert torch.equal(plan.z_init[0, :, :5], z_T[0, :, :5])
+    with pytest.raises(InputError, match="outside the image"):
+        plan_paste(inv, ref_mask, (180, 0))
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.5])
+def test_resizing_works_below_at_and_above_one(pipe, inversion, scene, scale):
+    result = pipe.move(inversion, scene[1], (35, 45), (80, 48), scale=scale)
+    assert result.record["scale"] == scale
+    assert np.isfinite(np.asarray(result.image, dtype=float)).all()
+
+
+def test_resize_that_no_longer_fits_is_a_clear_error(pipe, inversion, scene):
+    with pytest.raises(InputError, match="outside the image"):
+        pipe.move(inversion, scene[1], (35, 45), (35, 45), scale=6.0)
+
+
+def test_appearance_drag_paste_end_to_end(pipe, scene):
+    img, mask = scene
+    ref = np.ascontiguousarray(img[::-1])
+    ref_mask = np.ascontiguousarray(mask[::-1])
+    kw = dict(num_inference_steps=6, seed=1)
+    app = pipe.appearance(img, mask, ref, ref_mask, prompt="a square", **kw)
+    assert app.record["edit"] == "appearance" and app.record["bank"]["mode"] == "composite"
+    assert app.record["prompts"] == ["a square", "a square"]
+    drag = pipe.drag(img, mask, [((35, 45), (45, 45)), ((30, 40), (30, 30))], **kw)
+    assert drag.record["points"] == [[[35, 45], [45, 45]], [[30, 40], [30, 30]]]
+    paste = pipe.paste(img, ref, ref_mask, offset=(60, 0), scale=0.8, **kw)
+    assert paste.record["offset"] == [60, 0] and paste.record["scale"] == 0.8
+    for r in (app, drag, paste):
+        assert r.image.size == (160, 96)
+        assert np.isfinite(np.asarray(r.image, dtype=float)).all()
+
+
+def test_composite_bank_is_used_for_steps_0_to_35_of_50(pipe, scene):
+    img, mask = scene
+    bank = pipe.memory_bank
+    bank.used, bank.log_use = [], True
+    try:
+        pipe.appearance(img, mask, img, mask, num_inference_steps=10)
+    finally:
+        bank.log_use = False
+    assert sorted({s for _, s, m in bank.used if m == "composite"}) == list(range(7))
+
+
+def test_inversion_with_wrong_image_count_is_refused(pipe, inversion, scene):
+    with pytest.raises(InputError, match="inversion of 2 image"):
+        pipe.appearance(inversion, scene[1], scene[0], scene[1])

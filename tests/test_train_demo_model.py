@@ -1,0 +1,151 @@
+"""The demo-model training script: tokenizer, architecture budget, data, checkpoints, smoke run."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dragondiffusion import scenes
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def components(train):
+    return train.build_components(train.TrainConfig())
+
+
+def test_every_caption_word_is_one_known_token(train):
+    tokenizer = train.build_tokenizer()
+    unknown = tokenizer.unk_token_id
+    for seed in range(50):
+        text = scenes.caption(scenes.random_scene(seed))
+        ids = tokenizer(text).input_ids
+        tokens = tokenizer.convert_ids_to_tokens(ids)[1:-1]
+        assert unknown not in ids[1:-1]
+        assert tokens == [w + "</w>" for w in re.findall(r"[a-z]+|,", text)]
+    assert tokenizer("a photo").input_ids[1:-1] == tokenizer.convert_tokens_to_ids(
+        ["a</w>", "photo</w>"]
+    )
+    # Text outside the vocabulary falls back to byte symbols, never to the unknown token.
+    ids = tokenizer("zebra 42 ü!").input_ids
+    assert unknown not in ids[1:-1]
+
+
+def test_tokenizer_files_are_deterministic(train, tmp_path):
+    train.write_tokenizer_files(tmp_path / "a")
+    train.write_tokenizer_files(tmp_path / "b")
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    vocab = json.loads((tmp_path / "a" / "vocab.json").read_text())
+    assert max(vocab.values()) == len(vocab) - 1
+    assert list(vocab)[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+
+
+def test_components_have_sd_structure_and_fit_the_budget(train, components):
+    unet, vae, text_encoder = components["unet"], components["vae"], components["text_encoder"]
+    assert unet.config.sample_size == 16
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3 + [
+        "DownBlock2D"
+    ]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == 4
+    assert text_encoder.config.vocab_size == len(components["tokenizer"])
+    scheduler = components["scheduler"].config
+    assert (scheduler.beta_start, scheduler.beta_end) == (0.00085, 0.012)
+    assert scheduler.steps_offset == 1 and not scheduler.clip_sample
+    parameters = sum(train.parameter_count(components[k]) for k in ("unet", "vae", "text_encoder"))
+    assert 2 * parameters < 0.97 * train.MAX_BUNDLE_BYTES
+
+
+def test_vae_maps_128_pixels_to_16_latents(components):
+    with torch.no_grad():
+        latents = components["vae"].encode(torch.zeros(1, 3, 128, 128)).latent_dist.mode()
+    assert latents.shape == (1, 4, 16, 16)
+
+
+def test_training_batches_depend_only_on_seed_and_step(train):
+    config = train.TrainConfig()
+
+    def batch(step):
+        rng = train.batch_rng(config, "unet", step)
+        return train.training_batch(rng, 3, 0.0, [])
+
+    images, captions = batch(5)
+    again, captions_again = batch(5)
+    other, _ = batch(6)
+    assert torch.equal(images, again) and captions == captions_again
+    assert not torch.equal(images, other)
+    assert images.shape == (3, 3, 128, 128) and -1.0 <= images.min() <= images.max() <= 1.0
+
+
+def test_photo_crops_and_caption_dropout(train):
+    rng = np.random.default_rng(0)
+    photo = train.Image.fromarray(np.full((300, 400, 3), 200, np.uint8))
+    crop = train.photo_crop(photo, rng, 128)
+    assert crop.shape == (128, 128, 3) and crop.min() >= 0.0 and crop.max() <= 255.0
+    dropped = train.drop_captions(["x"] * 2000, rng, 0.1)
+    assert 0.07 < dropped.count("") / 2000 < 0.13
+
+
+def test_checkpoint_round_trip(train, tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    ema = [p.detach().clone() * 0.5 for p in module.parameters()]
+    path = tmp_path / "checkpoints" / "x.safetensors"
+    train.save_checkpoint(path, module, optimizer, ema, {"step": 7, "elapsed_s": 1.5})
+
+    restored = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    restored_optimizer = torch.optim.AdamW(restored.parameters())
+    restored_ema = [torch.zeros_like(e) for e in ema]
+    meta = train.load_checkpoint(path, restored, restored_optimizer, restored_ema)
+    assert meta["step"] == 7 and meta["elapsed_s"] == 1.5
+    for a, b in zip(module.parameters(), restored.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-3)
+        state, again = optimizer.state[a], restored_optimizer.state[b]
+        assert torch.allclose(state["exp_avg"], again["exp_avg"], rtol=1e-2)
+        assert torch.allclose(state["exp_avg_sq"], again["exp_avg_sq"], rtol=1e-2)
+        assert int(again["step"]) == 1
+    assert all(torch.allclose(e, r, atol=1e-3) for e, r in zip(ema, restored_ema, strict=True))
+    assert not path.with_suffix(".partial").exists()
+
+
+def test_stop_rule(train):
+    assert train.StopRule(minutes=None, max_steps=3).done(3, 0.0, 1.0)
+    assert not train.StopRule(minutes=None, max_steps=3).done(2, 0.0, 1.0)
+    assert train.StopRule(minutes=1.0, max_steps=None).done(0, 59.5, 1.0)
+    assert not train.StopRule(minutes=1.0, max_steps=None).done(0, 30.0, 1.0)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_a_loadable_bundle(train, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    train.main(["--smoke", "--out", str(tmp_path / "run"), "--threads", "1"])
+    bundle = tmp_path / "run" / "bundle"
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    assert size <= train.MAX_BUNDLE_BYTES
+    pipe = StableDiffusionPipeline.from_pretrained(bundle)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    image = pipe("a red star on a green floor", num_inference_steps=2).images[0]
+    assert image.size == (128, 128)
+    runs = json.loads((tmp_path / "run" / "run.json").read_text())["runs"]
+    assert [r["phase"] for r in runs] == ["vae", "unet"]
