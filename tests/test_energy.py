@@ -77,3 +77,19 @@ def test_energy_gradient_points_toward_higher_similarity():
     with torch.no_grad():
         stepped = inverse_energy(1.0, local_similarity(f - 0.1 * grad, g, mask))
     assert stepped.item() < e.item()
+
+
+def test_half_precision_zero_vectors_and_large_regions_stay_finite():
+    """fp16 features (the CUDA default): a warp leaves zero vectors at the border, whose cosine
+    is 0/0 with fp16's ε = 0, and region sums overflow fp16 (upstream NaN, #7.3 of the reading).
+    """
+    f, g = maps()
+    f, g = f.half(), g.half()
+    g[..., 2] = 0  # a zero vector where the warp found no source
+    everywhere = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    s = local_similarity(f, g, everywhere)
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()
+    assert s.item() == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    big = torch.full((1, 8, 192, 192), 8.0, dtype=torch.float16)  # Σ = 294912 > fp16 max
+    region = torch.ones(1, 1, 192, 192, dtype=torch.bool)
+    assert global_similarity(big, region, big, region).item() == pytest.approx(1.0)

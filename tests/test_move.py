@@ -147,3 +147,12 @@ def test_bad_input_gets_a_clear_error(pipe, scene, inversion, kwargs, match):
     args.update(kwargs)
     with pytest.raises(InputError, match=match):
         pipe.move(inversion, **args)
+
+
+def test_object_smaller_than_a_latent_cell_is_a_clear_error_not_a_silent_no_op(pipe, inversion):
+    """A 5×5 px object passes the energy-grid checks but covers no latent cell (review finding:
+    the edit mask was all zeros and the move silently did nothing)."""
+    mask = np.zeros((96, 160), bool)
+    mask[40:45, 40:45] = True
+    with pytest.raises(InputError, match="latent grid"):
+        pipe.move(inversion, mask, (42, 42), (100, 42))

@@ -16,7 +16,12 @@ from enum import Enum
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+)
 
 from .errors import InputError
 
@@ -135,8 +140,16 @@ def bank_layers(unet: torch.nn.Module) -> list[str]:
     return [n for n in unet.attn_processors if n.startswith("up_blocks.") and ".attn1." in n]
 
 
+def kept_processor(processor: object) -> object:
+    """IP-Adapter processors (they hold the adapter's weights) stay; others become plain SDPA."""
+    if isinstance(processor, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)):
+        return processor
+    return AttnProcessor2_0()
+
+
 def install_memory_bank(unet: torch.nn.Module, bank: MemoryBank) -> list[str]:
-    """Put memory-bank processors on the decoder self-attention, plain SDPA elsewhere."""
+    """Put memory-bank processors on the decoder self-attention; keep IP-Adapter processors on
+    the cross-attention; plain SDPA elsewhere."""
     layers = bank_layers(unet)
     if not layers:
         raise InputError(
@@ -150,8 +163,8 @@ def install_memory_bank(unet: torch.nn.Module, bank: MemoryBank) -> list[str]:
             raise InputError(f"{name} is not a plain SD self-attention layer; use an SD 1.x model")
     unet.set_attn_processor(
         {
-            n: MemoryBankProcessor(n, bank) if n in layers else AttnProcessor2_0()
-            for n in unet.attn_processors
+            n: MemoryBankProcessor(n, bank) if n in layers else kept_processor(p)
+            for n, p in unet.attn_processors.items()
         }
     )
     return layers

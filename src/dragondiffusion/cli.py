@@ -1,4 +1,4 @@
-"""Command-line interface: `dragondiffusion move …`, `dragondiffusion info`."""
+"""Command-line interface: `dragondiffusion move …`, `… info`, `… demo`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
         choices=["input", "working"],
         help="write the result at the input's size (default) or at the working size",
     )
+    p.add_argument(
+        "--ip-adapter",
+        help="IP-Adapter checkpoint (.safetensors/.bin) for DiffEditor's image prompt (optional)",
+    )
+    p.add_argument(
+        "--image-encoder", help="CLIP image-encoder folder (default: image_encoder beside it)"
+    )
+    p.add_argument(
+        "--ip-scale", type=float, default=0.1, help="image-prompt weight at its steps (0.1)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output PNG (parameters stored in its metadata)")
 
@@ -119,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print versions, device and model facts")
     add_model_options(info)
+
+    demo = sub.add_parser(
+        "demo", help="run every edit on example scenes; write pictures and an HTML page"
+    )
+    add_model_options(demo)
+    demo.add_argument(
+        "--out", default="dragondiffusion-demo", help="output folder (default dragondiffusion-demo)"
+    )
+    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     return parser
 
 
@@ -143,6 +162,7 @@ def edit_options(args: argparse.Namespace) -> dict:
         "output_size": args.output_size,
         "sde_strength": args.sde_strength,
         "sde_strength_outside": args.sde_strength_outside,
+        "ip_scale": args.ip_scale,
     }
 
 
@@ -152,8 +172,12 @@ def run_edit(args: argparse.Namespace) -> None:
 
     inputs = [getattr(args, n, None) for n in ("image", "mask", "ref_image", "ref_mask")]
     out = check_output(args.out, [*inputs, getattr(args, "reference_region", None)])
+    if args.image_encoder and not args.ip_adapter:
+        raise InputError("--image-encoder is for the image prompt; give --ip-adapter as well")
     pipe = load(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
+    if args.ip_adapter:
+        pipe.load_image_prompt(args.ip_adapter, image_encoder=args.image_encoder)
     common = {"prompt": args.prompt, **edit_options(args)}
     if args.command == "move":
         result = pipe.move(
@@ -184,6 +208,12 @@ def run_edit(args: argparse.Namespace) -> None:
         f"{result.record['seconds']:.1f} s; UNet evaluations: {ev['forward']} forward, "
         f"{ev['backward']} backward"
     )
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import demo
+
+    demo(args.out, args.model, args.steps, args.device, args.dtype)
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -221,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        (run_info if args.command == "info" else run_edit)(args)
+        {"info": run_info, "demo": run_demo}.get(args.command, run_edit)(args)
     except InputError as err:
         print(f"dragondiffusion: error: {err}", file=sys.stderr)
         return 2

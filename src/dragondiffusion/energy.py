@@ -4,6 +4,10 @@ Each similarity is a cosine over channels; each energy has the form w / (α + β
 β = 4 (upstream §2), so a higher similarity gives a lower energy. "Contrast" terms are linear, w·s.
 Feature maps are (B, C, H, W); masks are boolean (B or 1, 1, H, W). Pairs of regions are compared
 pixel by pixel on maps that are already aligned (the reference is warped onto the target first).
+
+Everything is computed in float32 whatever the model's dtype: in float16 the cosine's ε (1e-8)
+is 0, so the zero vectors that warps leave at the border give 0/0, and region sums overflow.
+Regions are selected with `torch.where`, so nothing outside a mask can reach a mean.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ BETA = 4.0
 
 def cosine_map(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-pixel cosine similarity over channels: (B, C, H, W) × (B, C, H, W) → (B, H, W)."""
-    return F.cosine_similarity(f, g, dim=1, eps=1e-8)
+    return F.cosine_similarity(f.float(), g.float(), dim=1, eps=1e-8)
 
 
 def remap(s: torch.Tensor) -> torch.Tensor:
@@ -29,20 +33,20 @@ def remap(s: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x (B, H, W) over mask (B or 1, 1, H, W), one value per batch element: (B,)."""
-    m = mask[:, 0].to(x.dtype).expand_as(x)
+    m = mask[:, 0].bool().expand_as(x)
     count = m.sum(dim=(1, 2))
     if bool((count == 0).any()):
         raise InputError("an energy region is empty; use a larger mask or a longer drag")
-    return (x * m).sum(dim=(1, 2)) / count
+    return torch.where(m, x.float(), 0.0).sum(dim=(1, 2)) / count
 
 
 def masked_pool(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean feature vector of f (B, C, H, W) over mask (B or 1, 1, H, W): (B, C)."""
-    m = mask.to(f.dtype).expand(f.shape[0], 1, *f.shape[2:])
+    m = mask.bool().expand(f.shape[0], 1, *f.shape[2:])
     count = m.sum(dim=(2, 3))
     if bool((count == 0).any()):
         raise InputError("an energy region is empty; use a larger mask")
-    return (f * m).sum(dim=(2, 3)) / count
+    return torch.where(m, f.float(), 0.0).sum(dim=(2, 3)) / count
 
 
 def local_similarity(

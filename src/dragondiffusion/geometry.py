@@ -99,6 +99,20 @@ def require_nonempty(mask: torch.Tensor, what: str, fix: str) -> torch.Tensor:
     return mask
 
 
+def require_latent_cells(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """Return a latent-grid mask unchanged, or raise InputError when it covers no latent cell.
+
+    The energy grid is twice as fine as the latent grid, so a small region can pass the energy
+    checks and still select no latent cell: its edit would silently do nothing.
+    """
+    return require_nonempty(
+        mask,
+        what,
+        "it covers less than half of every latent cell (8 working pixels); draw a larger mask "
+        "or use a higher --resolution",
+    )
+
+
 def cell_of(point: Point, image_size: Size, grid: tuple[int, int]) -> tuple[int, int]:
     """The (x, y) cell of an (h, w) grid holding an image point, clamped per axis to the grid."""
     h, w = grid

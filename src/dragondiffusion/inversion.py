@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import PIL.Image
 import torch
 
 from .attention import BankMode, MemoryBank
@@ -19,6 +20,7 @@ class Inversion:
     latents: (N+1, B, 4, h, w), z_0 (the encoded image) … z_N (the inverted noise).
     memory: decoder self-attention K/V per (layer, denoising step), on the compute device.
     text: (B, 77, D) conditional prompt embeddings the inversion used.
+    images: the B input images as loaded (the image prompt encodes the last one).
     """
 
     latents: torch.Tensor
@@ -28,6 +30,7 @@ class Inversion:
     working_size: Size
     input_sizes: list[Size]
     model: str
+    images: list[PIL.Image.Image]
 
     @property
     def num_steps(self) -> int:

@@ -7,13 +7,18 @@ inversion or an edit switches them on.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors import SafetensorError
 
 from . import __version__
 from .attention import MemoryBank, install_memory_bank
@@ -31,6 +36,7 @@ from .edits import (
 from .errors import InputError
 from .features import FeatureExtractor
 from .geometry import Point, Size, scale_point, working_size
+from .image_prompt import ImagePrompt, encoder_folder, load_image_encoder, square, weight_file
 from .inversion import Inversion, ddim_invert
 from .io import load_image, load_mask, save_png
 from .sampler import MODES, EditPlan, Evaluations, GuidanceSchedule, Sampler
@@ -55,6 +61,7 @@ class EditOptions:
     output_size: str = "input"
     sde_strength: float = 0.4
     sde_strength_outside: float = 0.0
+    ip_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,6 +73,8 @@ class EditOptions:
         for name in ("sde_strength", "sde_strength_outside"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not (np.isfinite(self.ip_scale) and self.ip_scale >= 0):
+            raise InputError(f"ip_scale must be a number ≥ 0, got {self.ip_scale}")
 
 
 @dataclass
@@ -119,6 +128,7 @@ class DragonPipeline(StableDiffusionPipeline):
         self.bank_layers = install_memory_bank(unet, self.memory_bank)
         self.features = FeatureExtractor(unet)
         self.model_name = getattr(unet.config, "_name_or_path", "") or "unknown"
+        self.image_prompt: ImagePrompt | None = None
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -143,8 +153,11 @@ class DragonPipeline(StableDiffusionPipeline):
         return cond, uncond
 
     @torch.no_grad()
-    def encode_image(self, image: PIL.Image.Image, size: Size) -> torch.Tensor:
-        """VAE posterior mean × scaling factor of the image resized to `size`: (1, 4, h, w)."""
+    def encode_latent(self, image: PIL.Image.Image, size: Size) -> torch.Tensor:
+        """VAE posterior mean × scaling factor of the image resized to `size`: (1, 4, h, w).
+
+        (Not `encode_image`: that name is diffusers' CLIP encoding, which the image prompt uses.)
+        """
         x = self.image_processor.preprocess(image, height=size[1], width=size[0])
         x = x.to(device=self.device, dtype=self.vae.dtype)
         return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
@@ -153,6 +166,118 @@ class DragonPipeline(StableDiffusionPipeline):
     def decode(self, z: torch.Tensor) -> PIL.Image.Image:
         x = self.vae.decode(z / self.vae.config.scaling_factor).sample
         return self.image_processor.postprocess(x.float(), output_type="pil")[0]
+
+    # ---- image prompt (DiffEditor, optional) ------------------------------------------------
+    def load_image_prompt(
+        self,
+        adapter: str | os.PathLike,
+        weight_name: str | None = None,
+        image_encoder: str | os.PathLike | None = None,
+    ) -> None:
+        """Load IP-Adapter weights for DiffEditor's image prompt (see `image_prompt`); edits then
+        use it at their schedule's image-prompt steps, at `ip_scale`. Replaces any earlier adapter;
+        after a failed load none is left.
+
+        adapter: the checkpoint (keys `image_proj.*` and `ip_adapter.*`, .safetensors or .bin),
+        or its folder (with `weight_name` if it holds several). image_encoder: a
+        CLIPVisionModelWithProjection folder; default: `image_encoder` beside the checkpoint,
+        else the pipeline's own.
+        """
+        weights = weight_file(adapter, weight_name)
+        encoder = encoder_folder(weights, image_encoder)
+        if encoder is None and self.image_encoder is None:
+            raise InputError(
+                f"no image encoder for IP-Adapter {str(weights)!r}: pass image_encoder "
+                "(--image-encoder), a CLIPVisionModelWithProjection folder such as "
+                "h94/IP-Adapter's models/image_encoder"
+            )
+        if self.image_prompt is not None:
+            self.image_prompt.detach()
+            self.image_prompt = None
+        if encoder is not None:
+            clip = load_image_encoder(encoder, self.device, self.dtype)
+            self.register_modules(image_encoder=clip)
+        try:
+            self.load_ip_adapter(
+                str(weights), subfolder="", weight_name=weights.name, image_encoder_folder=None
+            )
+            idle = self.encode_image_prompt(PIL.Image.new("RGB", (8, 8)))[:1]
+            with torch.no_grad():
+                self.unet.encoder_hid_proj([idle])  # fails here if the adapter misfits the encoder
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            self.unload_ip_adapter()
+            raise InputError(
+                f"could not load IP-Adapter {str(weights)!r} with image encoder "
+                f"{str(encoder or 'of the pipeline')!r}: {err}. Give an SD 1.x IP-Adapter "
+                "checkpoint and the image encoder it was trained with"
+            ) from err
+        name = str(encoder) if encoder is not None else self.image_encoder.name_or_path
+        self.image_prompt = ImagePrompt(str(weights), name, self.set_ip_adapter_scale, idle)
+        self.image_prompt.attach(self.unet)
+
+    def load_ip_adapter(self, *args, **kwargs) -> None:
+        """diffusers' IP-Adapter loader that keeps the memory bank on the decoder self-attention.
+
+        diffusers rebuilds every processor it does not replace by calling its class without
+        arguments, which a memory-bank processor cannot take: plain processors go in first, and
+        the bank comes back after, beside the IP processors. The image prompt starts off; edits
+        use it only when loaded through `load_image_prompt`, which calls this.
+        """
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            super().load_ip_adapter(*args, **kwargs)
+        finally:
+            self.bank_layers = install_memory_bank(self.unet, self.memory_bank)
+        self.set_ip_adapter_scale(0.0)
+
+    def unload_ip_adapter(self) -> None:
+        """diffusers' unloader, keeping the memory bank; also drops the image-prompt gate."""
+        if self.image_prompt is not None:
+            self.image_prompt.detach()
+            self.image_prompt = None
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            super().unload_ip_adapter()
+        finally:
+            self.bank_layers = install_memory_bank(self.unet, self.memory_bank)
+
+    @torch.no_grad()
+    def encode_image_prompt(self, image: PIL.Image.Image) -> torch.Tensor:
+        """(2, 1, …) CLIP embeddings [unconditional; `image`] for the loaded adapter.
+
+        Preprocessing: squashed to 256×256 as upstream, then diffusers' `encode_image` with the
+        pipeline's CLIPImageProcessor (an SD 1.5 bundle's: shortest side 224, centre crop 224,
+        CLIP normalisation, as upstream; without one, diffusers makes one at the encoder's input
+        size). Unconditional: for hidden-state adapters (IP-Adapter Plus, DragonDiffusion's) the
+        encoder on an all-zeros pixel tensor, as upstream; for plain IP-Adapter, zeros (as
+        IP-Adapter itself and diffusers do).
+        """
+        return self.prepare_ip_adapter_image_embeds([square(image)], None, self.device, 1, True)[0]
+
+    def image_prompt_record(
+        self, inversion: Inversion, schedule: GuidanceSchedule, options: EditOptions
+    ) -> dict | None:
+        """What the record says about the image prompt: None without an adapter."""
+        if self.image_prompt is None:
+            return None
+        image = "reference" if len(inversion.images) > 1 else "input"
+        return self.image_prompt.record(options.ip_scale, schedule.image_prompt, image)
+
+    @contextmanager
+    def image_prompt_gate(
+        self, inversion: Inversion, steps: frozenset[int], scale: float
+    ) -> Iterator[Callable[[bool], None] | None]:
+        """The sampler's image-prompt switch for one edit; None without adapter, steps or scale.
+
+        The image prompt is the reference image where there is one (appearance, paste), else the
+        input image (move, drag): the last image of the inversion.
+        """
+        if self.image_prompt is None or not steps or scale == 0:
+            yield None
+            return
+        embeds = self.encode_image_prompt(inversion.images[-1])
+        with self.image_prompt.active(embeds, scale) as gate:
+            yield gate
 
     # ---- guidance branch --------------------------------------------------------------------
     def invert(
@@ -177,7 +302,7 @@ class DragonPipeline(StableDiffusionPipeline):
             images.append(load_image(reference, "reference image"))
             prompts.append(prompt if reference_prompt is None else reference_prompt)
         size = self.working_size(images[0].size, resolution)
-        z0 = torch.cat([self.encode_image(im, size) for im in images])
+        z0 = torch.cat([self.encode_latent(im, size) for im in images])
         text = torch.cat([self.encode_text(p)[0] for p in prompts])
         steps = DDIMTimesteps(self.scheduler, num_inference_steps)
         with self.progress_bar(total=len(steps)) as bar:
@@ -193,6 +318,7 @@ class DragonPipeline(StableDiffusionPipeline):
             working_size=size,
             input_sizes=[im.size for im in images],
             model=self.model_name,
+            images=images,
         )
 
     def prepare(
@@ -239,7 +365,8 @@ class DragonPipeline(StableDiffusionPipeline):
         )
         cond, uncond = self.encode_text(inversion.prompts[0])
         counts = Evaluations(inversion=inversion.num_steps * inversion.latents.shape[1])
-        with self.progress_bar(total=len(steps)) as bar:
+        gate = self.image_prompt_gate(inversion, schedule.image_prompt, options.ip_scale)
+        with self.progress_bar(total=len(steps)) as bar, gate as set_image_prompt:
             bar.set_description(plan.edit)
             z = Sampler(
                 unet=self.unet,
@@ -253,6 +380,7 @@ class DragonPipeline(StableDiffusionPipeline):
                 uncond=uncond,
                 counts=counts,
                 generator=torch.Generator().manual_seed(options.seed),
+                set_image_prompt=set_image_prompt,
                 callback=lambda _: bar.update(),
             ).run()
         image = self.decode(z)
@@ -286,6 +414,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "output_size": list(image.size),
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
+            "image_prompt": self.image_prompt_record(inversion, schedule, options),
             "evaluations": counts.as_dict(),
             "seconds": round(time.perf_counter() - started, 3),
             **plan.params,
@@ -324,7 +453,8 @@ class DragonPipeline(StableDiffusionPipeline):
         image: a path, PIL image, array, or an `Inversion` from `invert` (reused, not recomputed).
         mask / reference_region: white = selected, same size as the image. Points are (x, y)
         pixels of the input image. `options` are the fields of `EditOptions` (steps, mode, seed,
-        resolution, output size, SDE strengths). Returns the image and a full parameter record.
+        resolution, output size, SDE strengths, image-prompt scale). Returns the image and a full
+        parameter record.
         """
         started, opts = time.perf_counter(), EditOptions(**options)
         if not np.isfinite(scale) or scale <= 0:

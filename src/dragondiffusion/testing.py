@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -120,6 +126,96 @@ def build_tiny_bundle(path: str | Path, seed: int = 0, sample_size: int = 16) ->
     """Save a tiny random SD-1.x bundle to `path` (diffusers layout, safetensors) and return it."""
     path = Path(path)
     build_tiny_pipeline(seed, sample_size).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+    """A random CLIP image encoder at toy width: 32×32 input, 8×8 patches (17 tokens), width 32."""
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        )
+    )
+
+
+def tiny_ip_adapter(
+    unet: UNet2DConditionModel,
+    encoder: CLIPVisionModelWithProjection,
+    plus: bool = True,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random IP-Adapter weights for `unet` and `encoder` in the original checkpoint layout.
+
+    `image_proj.*`: with `plus`, IP-Adapter Plus's resampler (the layout of DragonDiffusion's
+    ip_sd15_64.bin: 4 blocks, here 1 head of 64 and 4 queries) over the encoder's penultimate
+    hidden states; else plain IP-Adapter's projection of the image embedding to 4 tokens.
+    `ip_adapter.{k}.to_k_ip/to_v_ip.weight`: one pair per cross-attention layer, k being its index
+    among `unet.attn_processors` (1, 3, 5, … for SD's attn1/attn2 pairs).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * shape[-1] ** -0.5
+
+    def norm(prefix: str, width: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": torch.ones(width), f"{prefix}.bias": torch.zeros(width)}
+
+    cross = unet.config.cross_attention_dim
+    if plus:
+        width, dim, inner = encoder.config.hidden_size, 32, 64  # diffusers reads heads = rows / 64
+        proj = {
+            "latents": w(1, 4, dim),
+            "proj_in.weight": w(dim, width),
+            "proj_in.bias": torch.zeros(dim),
+            "proj_out.weight": w(cross, dim),
+            "proj_out.bias": torch.zeros(cross),
+            **norm("norm_out", cross),
+        }
+        for i in range(4):
+            attn, ff = f"layers.{i}.0", f"layers.{i}.1"
+            proj |= {
+                **norm(f"{attn}.norm1", dim),
+                **norm(f"{attn}.norm2", dim),
+                f"{attn}.to_q.weight": w(inner, dim),
+                f"{attn}.to_kv.weight": w(2 * inner, dim),
+                f"{attn}.to_out.weight": w(dim, inner),
+                **norm(f"{ff}.0", dim),
+                f"{ff}.1.weight": w(4 * dim, dim),
+                f"{ff}.3.weight": w(dim, 4 * dim),
+            }
+    else:
+        embed = encoder.config.projection_dim
+        proj = {"proj.weight": w(4 * cross, embed), "proj.bias": torch.zeros(4 * cross)}
+        proj |= norm("norm", cross)
+    state = {f"image_proj.{k}": v for k, v in proj.items()}
+    modules = dict(unet.named_modules())
+    for k, name in enumerate(unet.attn_processors):
+        attn = modules[name.removesuffix(".processor")]
+        if attn.is_cross_attention:
+            state[f"ip_adapter.{k}.to_k_ip.weight"] = w(attn.to_k.out_features, cross)
+            state[f"ip_adapter.{k}.to_v_ip.weight"] = w(attn.to_v.out_features, cross)
+    return state
+
+
+def write_tiny_image_prompt(
+    folder: str | Path, unet: UNet2DConditionModel, plus: bool = True, seed: int = 0
+) -> Path:
+    """Write a tiny `image_encoder/` and a matching `ip-adapter.safetensors` for `unet` into
+    `folder` (h94/IP-Adapter's layout); return the checkpoint's path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    encoder = build_tiny_image_encoder(seed)
+    encoder.save_pretrained(folder / "image_encoder")
+    path = folder / "ip-adapter.safetensors"
+    save_file(tiny_ip_adapter(unet, encoder, plus, seed), path)
     return path
 
 

@@ -15,7 +15,7 @@ import torch
 from ..attention import BankMode
 from ..energy import global_similarity, inverse_energy, local_similarity
 from ..features import energy_grid
-from ..geometry import mask_to_grid, require_nonempty
+from ..geometry import mask_to_grid, require_latent_cells, require_nonempty
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
 
@@ -63,7 +63,9 @@ def plan_appearance(
             )
         return e_edit.sum(), e_content.sum()
 
-    base_latent = mask_to_grid(mask, latent_hw)
+    base_latent = require_latent_cells(
+        mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
+    )
     return EditPlan(
         edit="appearance",
         z_init=z_T,

@@ -24,6 +24,7 @@ from ..geometry import (
     cell_of,
     mask_to_grid,
     patch,
+    require_latent_cells,
     require_nonempty,
     warp,
 )
@@ -121,7 +122,9 @@ def plan_drag(
             warp(torch.ones_like(z_init[:, :1]), size, lp.src, lp.dst) > 0.5
         )
         z_init = torch.where(inside, moved, z_init)
-    editable_latent = mask_to_grid(mask, latent_hw)
+    editable_latent = require_latent_cells(
+        mask_to_grid(mask, latent_hw), "the editable region on the latent grid"
+    )
     n = inversion.num_steps
     return EditPlan(
         edit="drag",

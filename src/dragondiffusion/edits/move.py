@@ -19,7 +19,15 @@ import torch
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
 from ..features import energy_grid
-from ..geometry import Point, Size, mask_to_grid, require_nonempty, require_visible, warp
+from ..geometry import (
+    Point,
+    Size,
+    mask_to_grid,
+    require_latent_cells,
+    require_nonempty,
+    require_visible,
+    warp,
+)
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
 
@@ -116,8 +124,12 @@ def plan_move(
         return e_edit.sum(), e_content.sum()
 
     # The object's inverted noise is copied to its new place, the same warp as the masks.
-    object_latent = mask_to_grid(mask, latent_hw).to(z_T.dtype)
-    target_latent = warp(object_latent, size, src, dst, scale) > 0.5
+    object_latent = require_latent_cells(
+        mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
+    ).to(z_T.dtype)
+    target_latent = require_latent_cells(
+        warp(object_latent, size, src, dst, scale) > 0.5, "the moved object on the latent grid"
+    )
     z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
     n = inversion.num_steps
     return EditPlan(

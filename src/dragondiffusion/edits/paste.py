@@ -19,6 +19,7 @@ from ..geometry import (
     Point,
     mask_centre,
     mask_to_grid,
+    require_latent_cells,
     require_nonempty,
     require_visible,
     warp,
@@ -75,8 +76,12 @@ def plan_paste(
             )
         return e_edit.sum(), e_content.sum()
 
-    ref_latent = mask_to_grid(reference_mask, latent_hw).to(z_T.dtype)
-    pasted_latent = warp(ref_latent, size, src, dst, scale) > 0.5
+    ref_latent = require_latent_cells(
+        mask_to_grid(reference_mask, latent_hw), "the reference object mask on the latent grid"
+    ).to(z_T.dtype)
+    pasted_latent = require_latent_cells(
+        warp(ref_latent, size, src, dst, scale) > 0.5, "the pasted object on the latent grid"
+    )
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
     pasted_full = warp(reference_mask, size, src, dst, scale) > 0.5
     return EditPlan(

@@ -1,0 +1,149 @@
+"""Cost of every edit in both sampler modes: UNet evaluations and wall time, as a table.
+
+    python scripts/edit_costs.py [--model M] [--steps 50] [--out docs/benchmarks.md]
+
+Without --model it builds the tiny random test bundle (`dragondiffusion.testing`), whose costs
+count the same evaluations as a real model (the counts depend only on the schedule). Times are
+wall seconds on this machine, one run each, so compare them only within one table: the `ratio`
+column is each edit's time over the plain 50-step DDIM reconstruction measured in the same run.
+The table is printed and written between markers in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dragondiffusion
+from dragondiffusion.testing import build_tiny_bundle
+
+MARK_START = "<!-- edit-costs:start -->"
+MARK_END = "<!-- edit-costs:end -->"
+COUNTS = ("inversion", "denoise", "features", "backward", "rollback", "forward")
+
+
+def example(size: tuple[int, int] = (160, 96)) -> tuple[np.ndarray, np.ndarray]:
+    """A landscape test picture with a red square, and its mask."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 1] = np.linspace(60, 160, w, dtype=np.uint8)[None, :]
+    img[30:60, 20:50] = [230, 20, 20]
+    mask = np.zeros((h, w), bool)
+    mask[30:60, 20:50] = True
+    return img, mask
+
+
+def run_edit(pipe, edit: str, mode: str, steps: int):
+    img, mask = example()
+    ref, ref_mask = np.ascontiguousarray(img[::-1]), np.ascontiguousarray(mask[::-1])
+    kw = {"num_inference_steps": steps, "mode": mode}
+    if edit == "move":
+        return pipe.move(img, mask, (35, 45), (100, 45), **kw)
+    if edit == "resize":
+        return pipe.move(img, mask, (35, 45), (35, 45), scale=1.3, **kw)
+    if edit == "appearance":
+        return pipe.appearance(img, mask, ref, ref_mask, **kw)
+    if edit == "drag":
+        editable = np.zeros_like(mask)
+        editable[10:80, 10:90] = True
+        return pipe.drag(img, editable, [((35, 45), (60, 45))], **kw)
+    if edit == "paste":
+        return pipe.paste(img, ref, ref_mask, offset=(60, 0), **kw)
+    raise ValueError(edit)
+
+
+def reference_seconds(pipe, steps: int) -> float:
+    """Wall time of inverting the example and sampling it back with plain DDIM (no guidance)."""
+    img, _ = example()
+    started = time.perf_counter()
+    inv = pipe.invert(img, "", steps)
+    pipe(
+        prompt="",
+        latents=inv.latents[-1],
+        width=inv.working_size[0],
+        height=inv.working_size[1],
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        output_type="latent",
+    )
+    return time.perf_counter() - started
+
+
+def table(pipe, steps: int, edits: list[str], modes: list[str]) -> str:
+    base = reference_seconds(pipe, steps)
+    head = ["edit", "mode", *COUNTS, "seconds", "ratio"]
+    rows = [head, ["---"] * len(head)]
+    for edit in edits:
+        for mode in modes:
+            started = time.perf_counter()
+            result = run_edit(pipe, edit, mode, steps)
+            seconds = time.perf_counter() - started
+            counts = result.record["evaluations"]
+            rows.append(
+                [
+                    edit,
+                    mode,
+                    *(str(counts[k]) for k in COUNTS),
+                    f"{seconds:.1f}",
+                    f"{seconds / base:.1f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    note = (
+        f"Reference: invert + plain DDIM back, {steps} steps: {base:.1f} s. Evaluations are UNet "
+        "samples (a CFG pair counts 2); `features` passes stop after the second-to-last decoder "
+        "block; `backward` counts autograd.grad calls (E_edit and E_content separately)."
+    )
+    return "\n".join([*lines, "", note])
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{MARK_START}\n## {title}\n\n{body}\n{MARK_END}"
+    if MARK_START in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="SD 1.x bundle (default: the tiny random test bundle)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--edits", default="move,resize,appearance,drag,paste")
+    parser.add_argument("--modes", default="dragon,diffeditor")
+    parser.add_argument("--device")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_tiny_bundle(Path(tmp) / "tiny")
+        pipe = dragondiffusion.load(model, device=args.device)
+        pipe.set_progress_bar_config(disable=True)
+        body = table(pipe, args.steps, args.edits.split(","), args.modes.split(","))
+    cpu = platform.processor() or platform.machine()
+    where = (
+        f"model `{args.model or 'tiny random test bundle'}`, {args.steps} steps, "
+        f"device {pipe.device}, {args.threads} thread(s), {cpu}, "
+        f"torch {torch.__version__}"
+    )
+    print(body)
+    write_section(args.out, "Edit costs", f"`python scripts/edit_costs.py` — {where}.\n\n{body}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
