@@ -103,3 +103,37 @@ def test_composite_bank_is_used_for_steps_0_to_35_of_50(pipe, scene):
 def test_inversion_with_wrong_image_count_is_refused(pipe, inversion, scene):
     with pytest.raises(InputError, match="inversion of 2 image"):
         pipe.appearance(inversion, scene[1], scene[0], scene[1])
+
+
+# Hand values of each edit's energy terms when current and reference features are the same
+# constant vector (every cosine is 1, so every raw similarity is 1 and every remapped one is 1;
+# the energy grid is 32×48 and all regions stay inside it). Two feature layers each.
+#   move:       E_edit = 2·0.5·4/(1+4)                     = 0.8
+#               E_content = 2·[0.5·6/5 + 0.5·0.2·1 + 0.8/5] = 1.72   (content, contrast, inpaint)
+#   drag:       E_edit = 2·(4/5 + 0.2·1) / (2·1 pair)      = 1.0    (edit + "inpaint" contrast)
+#               E_content = 2·6/5 / 2                       = 1.2
+#   appearance: E_edit = 2·3.5/5 = 1.4;  E_content = 2·5/5 = 2.0
+#   paste:      E_edit = 2·4/5   = 1.6;  E_content = 2·6/5 = 2.4
+def constant_features(batch: int) -> list[torch.Tensor]:
+    return [torch.ones(batch, 3, 32, 48) for _ in range(2)]
+
+
+def test_energy_weights_hand_values(pipe, inversion, scene):
+    from dragondiffusion.edits.appearance import plan_appearance
+    from dragondiffusion.edits.move import plan_move
+
+    img, _ = scene
+    obj = box(SIZE, 24, 40, 56, 72)
+    one, two = constant_features(1), constant_features(2)
+    cases = {
+        "move": (plan_move(inversion, obj, (40, 56), (120, 56)).energy(one, one), (0.8, 1.72)),
+        "drag": (
+            plan_drag(inversion, box(SIZE, 0, 0, 192, 96), [((40, 40), (80, 40))]).energy(one, one),
+            (1.0, 1.2),
+        ),
+    }
+    inv2 = pipe.invert(img, "a scene", 4, reference=img[:, ::-1].copy())
+    cases["appearance"] = (plan_appearance(inv2, obj, obj).energy(one, two), (1.4, 2.0))
+    cases["paste"] = (plan_paste(inv2, obj, (60, 0)).energy(one, two), (1.6, 2.4))
+    for edit, ((e_edit, e_content), expected) in cases.items():
+        assert (e_edit.item(), e_content.item()) == pytest.approx(expected, abs=1e-5), edit

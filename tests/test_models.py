@@ -74,3 +74,10 @@ def test_loaded_pipeline_is_configured_like_sd15(pipe):
     assert pipe.working_size((160, 96)) == (192, 128)
     assert pipe.working_size((160, 96), resolution=256) == (320, 192)
     assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_unavailable_mps_is_a_clear_error():
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(InputError, match="MPS is not available"):
+        pick_device("mps")

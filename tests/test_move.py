@@ -156,3 +156,16 @@ def test_object_smaller_than_a_latent_cell_is_a_clear_error_not_a_silent_no_op(p
     mask[40:45, 40:45] = True
     with pytest.raises(InputError, match="latent grid"):
         pipe.move(inversion, mask, (42, 42), (100, 42))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(resolution=-128), "resolution must be a positive"),
+        (dict(resolution=0), "resolution must be a positive"),
+        (dict(num_inference_steps=5000), "training timesteps"),
+    ],
+)
+def test_bad_options_are_clear_errors_before_any_work(pipe, scene, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pipe.move(scene[0], scene[1], (35, 45), (100, 45), **kwargs)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 
 def predict_x0(z: torch.Tensor, eps: torch.Tensor, a_t: float) -> torch.Tensor:
     """The clean latent implied by z at ᾱ_t and the noise eps: (z − √(1−ᾱ_t)·eps) / √ᾱ_t."""
@@ -38,6 +40,12 @@ class DDIMTimesteps:
     """
 
     def __init__(self, scheduler, num_steps: int) -> None:
+        most = scheduler.config.num_train_timesteps
+        if not 2 <= num_steps <= most:
+            raise InputError(
+                f"steps must lie between 2 and the model's {most} training timesteps, "
+                f"got {num_steps}"
+            )
         scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
         ratio = scheduler.config.num_train_timesteps // num_steps

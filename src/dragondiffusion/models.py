@@ -33,6 +33,9 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
             raise InputError(
                 "device cuda was asked for but no CUDA GPU is available; use --device cpu"
             )
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and (mps is None or not mps.is_available()):
+            raise InputError("device mps was asked for but MPS is not available; use --device cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

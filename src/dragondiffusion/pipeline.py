@@ -143,6 +143,11 @@ class DragonPipeline(StableDiffusionPipeline):
 
     def working_size(self, size: Size, resolution: int | None = None) -> Size:
         """The (width, height) the model works at for an input of `size` (area ≈ resolution²)."""
+        if resolution is not None and (not isinstance(resolution, int) or resolution <= 0):
+            raise InputError(
+                f"resolution must be a positive whole number of pixels, got {resolution!r}; "
+                f"leave it out for the model's native {self.native_resolution}"
+            )
         return working_size(*size, resolution or self.native_resolution, self.size_multiple)
 
     # ---- encoders ---------------------------------------------------------------------------

@@ -4,6 +4,12 @@ The reference object is moved by `offset` and scaled by `scale` about its own ce
 scaled about the image centre with a wrap-around roll and unscaled latent offsets); its inverted
 noise is copied into z_T there, a local edit energy pulls the pasted region toward the reference
 object's features, and the memory bank is a composite of base and reference tokens (steps 0–35).
+
+Deviation: upstream scaled the reference *image* (nearest, about the image centre) before
+inverting it. Here the reference is inverted as it is and its z_T and features are warped
+afterwards (nearest), and the bank composite reads the reference's own tokens inside its unscaled
+mask, so one inversion serves every offset and scale. For scale > 1 this repeats noise cells of
+z_T inside the pasted object (upstream's nearest scaling of the image did the same to pixels).
 """
 
 from __future__ import annotations
