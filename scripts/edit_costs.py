@@ -24,8 +24,6 @@ import torch
 import dragondiffusion
 from dragondiffusion.testing import build_tiny_bundle
 
-MARK_START = "<!-- edit-costs:start -->"
-MARK_END = "<!-- edit-costs:end -->"
 COUNTS = ("inversion", "denoise", "features", "backward", "rollback", "forward")
 
 
@@ -105,12 +103,14 @@ def table(pipe, steps: int, edits: list[str], modes: list[str]) -> str:
     return "\n".join([*lines, "", note])
 
 
-def write_section(path: Path, title: str, body: str) -> None:
+def write_section(path: Path, key: str, title: str, body: str) -> None:
+    """Put `body` under `title` in the file at `path`, replacing the earlier section of `key`."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{MARK_START}\n## {title}\n\n{body}\n{MARK_END}"
-    if MARK_START in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
+    section = f"{start}\n## {title}\n\n{body}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     tmp = path.with_suffix(".partial")
@@ -136,12 +136,19 @@ def main() -> None:
         body = table(pipe, args.steps, args.edits.split(","), args.modes.split(","))
     cpu = platform.processor() or platform.machine()
     where = (
-        f"model `{args.model or 'tiny random test bundle'}`, {args.steps} steps, "
+        f"{args.steps} steps, "
         f"device {pipe.device}, {args.threads} thread(s), {cpu}, "
         f"torch {torch.__version__}"
     )
     print(body)
-    write_section(args.out, "Edit costs", f"`python scripts/edit_costs.py` — {where}.\n\n{body}")
+    label = "tiny random test bundle" if args.model is None else Path(args.model).name
+    command = "python scripts/edit_costs.py" + (" --model MODEL" if args.model else "")
+    write_section(
+        args.out,
+        f"edit-costs:{label}",
+        f"Edit costs: {label}",
+        f"`{command}` — {where}.\n\n{body}",
+    )
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -89,3 +90,62 @@ def test_cli_info(tiny_bundle, capsys):
     assert "dragondiffusion 0.1" in out and "torch" in out and "diffusers" in out
     assert "device: cpu" in out and "feature blocks: up_blocks[1, 2]" in out
     assert "native resolution: 128 px" in out
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    """Atomic writes must not leave owner-only (0600) files behind."""
+    import os
+
+    from dragondiffusion.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        out = atomic_write(tmp_path / "x.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+@pytest.mark.parametrize(
+    "edit,extra,expected",
+    [
+        (
+            "appearance",
+            ["--ref-image", "ref.png", "--ref-mask", "ref_mask.png", "--ref-prompt", "a blue one"],
+            {"prompts": ["a red square", "a blue one"]},
+        ),
+        (
+            "drag",
+            ["--drag", "35,45:60,45", "--drag", "30,40:30,30"],
+            {"points": [[[35.0, 45.0], [60.0, 45.0]], [[30.0, 40.0], [30.0, 30.0]]]},
+        ),
+        (
+            "paste",
+            ["--ref-image", "ref.png", "--ref-mask", "ref_mask.png", "--offset", "60,-10"],
+            {"offset": [60.0, -10.0], "scale": 0.9},
+        ),
+    ],
+)
+def test_cli_appearance_drag_paste(files, tiny_bundle, edit, extra, expected):
+    img = np.asarray(PIL.Image.open(files / "in.png"))
+    mask = np.asarray(PIL.Image.open(files / "mask.png"))
+    PIL.Image.fromarray(np.ascontiguousarray(img[::-1])).save(files / "ref.png")
+    PIL.Image.fromarray(np.ascontiguousarray(mask[::-1])).save(files / "ref_mask.png")
+    extra = [str(files / a) if a.endswith(".png") else a for a in extra]
+    if edit == "paste":
+        extra += ["--scale", "0.9"]
+    out = files / f"{edit}.png"
+    args = [
+        edit, "--model", str(tiny_bundle), "--image", str(files / "in.png"),
+        "--prompt", "a red square", "--steps", "4", "--device", "cpu", "--quiet",
+        "--mode", "dragon", "--out", str(out), *extra,
+    ]  # fmt: skip
+    if edit != "paste":
+        args += ["--mask", str(files / "mask.png")]
+    assert main(args) == 0
+    rec = read_record(out)
+    assert rec["edit"] == edit and rec["mode"] == "dragon" and rec["steps"] == 4
+    assert {k: rec[k] for k in expected} == expected
+    with PIL.Image.open(out) as im:
+        assert im.size == (160, 96)

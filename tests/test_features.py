@@ -44,3 +44,20 @@ def test_features_carry_gradients_to_the_latent(pipe):
         feats = pipe.features(z, 300, text)
         (g,) = torch.autograd.grad(sum(f.square().mean() for f in feats), z)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_one_unet_serves_denoising_features_and_bank(pipe):
+    """Upstream kept a second full UNet copy as the feature "estimator"; here there is one."""
+    from diffusers import UNet2DConditionModel
+
+    assert pipe.features.unet is pipe.unet
+    unets = [m for m in pipe.components.values() if isinstance(m, UNet2DConditionModel)]
+    assert unets == [pipe.unet]
+    unet_params = {p.data_ptr() for p in pipe.unet.parameters()}
+    other = [
+        p
+        for name, m in pipe.components.items()
+        if isinstance(m, torch.nn.Module) and name != "unet"
+        for p in m.parameters()
+    ]
+    assert not any(p.data_ptr() in unet_params for p in other)
