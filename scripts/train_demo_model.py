@@ -9,8 +9,10 @@ colour photos in scikit-image's data module captioned "a photo".
 Training runs in phases, each resumable and each stopping cleanly (checkpoint written) after
 --minutes, after --steps, or on SIGINT/SIGTERM:
 
-  vae     the autoencoder (L1 + image-gradient L1 + SD's small KL term)
-  unet    UNet and text encoder together, on the frozen VAE's latents; 10 % of captions empty
+  vae      the autoencoder (L1 + image-gradient L1 + SD's small KL term)
+  decoder  the VAE's decoder alone, encoder frozen (as SD's fine-tuned VAE decoders were); it can
+           run beside the unet phase, since the latents the UNet learns do not change
+  unet     UNet and text encoder together, on the frozen VAE's latents; 10 % of captions empty
   export  the bundle, via StableDiffusionPipeline.save_pretrained (fp16 safetensors)
 
 On a 2-core machine, in the background, with one thread so the other core stays free:
@@ -19,10 +21,14 @@ On a 2-core machine, in the background, with one thread so the other core stays 
       >> out/demo-model/train.out 2>&1 &
 
 Repeat with --resume until the logged PSNR stops improving, then the same for --phase unet,
-then --phase export. Everything lands in --out (default out/demo-model): config.json (the
-settings), run.json (every run with its duration and speed), {phase}_log.jsonl (losses),
-checkpoints/{phase}.safetensors (the one current checkpoint of each phase) and bundle/.
-`--smoke` runs all three phases for a few steps at batch 2 into a fresh folder.
+then --phase export. On two cores, once the encoder is good enough, `--phase decoder` and
+`--phase unet` can run side by side (one thread each); after that the vae phase refuses to
+resume, because it would change the encoder under the UNet.
+
+Everything lands in --out (default out/demo-model): config.json (the settings), run.json (every
+run with its duration and speed), {phase}_log.jsonl (losses), checkpoints/{phase}.safetensors
+(the one current checkpoint of each phase) and bundle/. `--smoke` runs every phase for a few
+steps at batch 2 into a fresh folder.
 """
 
 from __future__ import annotations
@@ -74,8 +80,8 @@ HELD_OUT_PHOTOS = ("chelsea", "coffee")
 """scikit-image colour photos kept out of training, for evaluation and tests."""
 TRAIN_SEED_FLOOR = 2**32
 """Training scenes use seeds at or above this; smaller seeds are never seen in training."""
-PHASES = ("vae", "unet", "export")
-STREAMS = ("vae", "unet", "scaling")
+PHASES = ("vae", "decoder", "unet", "export")
+STREAMS = ("vae", "unet", "scaling", "decoder")
 """Independent random data streams: one per training phase, one for the latent scale."""
 MAX_BUNDLE_BYTES = 30_000_000
 IMAGE_SIZE = 128
@@ -636,13 +642,13 @@ def record_run(out: Path, phase: str, first: int, last: int, seconds: float) -> 
 # Phases.
 
 
-def vae_phase(config: TrainConfig, parts: dict[str, Any]) -> Phase:
+def vae_phase(config: TrainConfig, parts: dict[str, Any], stream: str = "vae") -> Phase:
     vae: AutoencoderKL = parts["vae"]
     photos = load_photos(TRAIN_PHOTOS)
     eval_scenes, _, eval_photos = eval_batch(config)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rng = batch_rng(config, "vae", step)
+        rng = batch_rng(config, stream, step)
         images, _ = training_batch(rng, config.vae_batch, config.vae_photo_share, photos)
         return vae_loss(vae, images, torch.Generator().manual_seed(step), config)
 
@@ -656,12 +662,28 @@ def vae_phase(config: TrainConfig, parts: dict[str, Any]) -> Phase:
     return Phase("vae", vae, config.vae_lr, step_loss, evaluate, use_ema=False, metadata={})
 
 
-def load_frozen_vae(out: Path, vae: AutoencoderKL) -> AutoencoderKL:
+def load_frozen_vae(out: Path, vae: AutoencoderKL, decoder: bool = True) -> AutoencoderKL:
+    """The VAE of the vae phase, with the decoder phase's decoder when there is one."""
     path = checkpoint_path(out, "vae")
     if not path.exists():
         raise SystemExit(f"no VAE checkpoint at {path}; run --phase vae first")
     load_checkpoint(path, vae)
+    if decoder and checkpoint_path(out, "decoder").exists():
+        load_checkpoint(checkpoint_path(out, "decoder"), decoder_module(vae))
     return vae.eval().requires_grad_(False)
+
+
+def decoder_module(vae: AutoencoderKL) -> torch.nn.ModuleDict:
+    """The VAE's decoding half; its state-dict keys are the VAE's own."""
+    return torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
+
+
+def decoder_phase(config: TrainConfig, parts: dict[str, Any], out: Path) -> Phase:
+    """Fine-tune the decoder on the frozen encoder's latents (same loss as the vae phase)."""
+    vae = load_frozen_vae(out, parts["vae"], decoder=False)
+    module = decoder_module(vae).train().requires_grad_(True)
+    spec = vae_phase(config, parts, stream="decoder")
+    return dataclasses.replace(spec, name="decoder", module=module)
 
 
 def latent_scale(config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image]) -> float:
@@ -776,9 +798,20 @@ def run(phase: str, out: Path, stop: StopRule, resume: bool, bundle: Path | None
         export_bundle(config, out, bundle or out / "bundle")
         return
     parts = build_components(config)
-    spec = vae_phase(config, parts) if phase == "vae" else unet_phase(config, parts, out)
+    if phase == "vae":
+        later = [p for p in ("decoder", "unet") if checkpoint_path(out, p).exists()]
+        if later:
+            raise SystemExit(
+                f"the {' and '.join(later)} phase has started on this VAE's encoder; training "
+                "the whole VAE again would change its latents: use --phase decoder instead"
+            )
+        spec = vae_phase(config, parts)
+    elif phase == "decoder":
+        spec = decoder_phase(config, parts, out)
+    else:
+        spec = unet_phase(config, parts, out)
     counts = {k: parameter_count(parts[k]) for k in ("vae", "unet", "text_encoder")}
-    batch = config.vae_batch if phase == "vae" else config.unet_batch
+    batch = config.unet_batch if phase == "unet" else config.vae_batch
     print(f"{phase}: parameters {counts}, batch {batch}", flush=True)
     stop.install()
     run_phase(spec, config, out, stop, resume)
@@ -789,7 +822,7 @@ def smoke(out: Path) -> None:
     if out.exists():
         raise SystemExit(f"{out} exists; --smoke needs a fresh --out folder")
     load_config(out, smoke=True)
-    for phase in ("vae", "unet"):
+    for phase in ("vae", "decoder", "unet"):
         run(phase, out, StopRule(minutes=None, max_steps=3), resume=False, bundle=None)
     run("export", out, StopRule(minutes=None, max_steps=None), resume=False, bundle=None)
     pipeline = StableDiffusionPipeline.from_pretrained(out / "bundle")
@@ -814,7 +847,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         smoke(args.out)
     elif args.phase is None:
-        parser.error("pass --phase vae|unet|export, or --smoke")
+        parser.error("pass --phase vae|decoder|unet|export, or --smoke")
     else:
         run(args.phase, args.out, StopRule(args.minutes, args.steps), args.resume, args.bundle)
 

@@ -148,4 +148,36 @@ def test_smoke_run_writes_a_loadable_bundle(train, tmp_path):
     image = pipe("a red star on a green floor", num_inference_steps=2).images[0]
     assert image.size == (128, 128)
     runs = json.loads((tmp_path / "run" / "run.json").read_text())["runs"]
-    assert [r["phase"] for r in runs] == ["vae", "unet"]
+    assert [r["phase"] for r in runs] == ["vae", "decoder", "unet"]
+
+
+def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path):
+    """The decoder phase may run beside the unet phase only if it never touches the encoder."""
+    import dataclasses
+
+    tiny = dict(
+        vae_channels=(8, 8, 8, 8),
+        unet_channels=(32, 32, 32, 32),
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=32,
+    )
+    config = dataclasses.replace(train.TrainConfig(), **train.SMOKE, **tiny)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(config.to_json())
+    stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
+    train.run("vae", out, stop(), resume=False, bundle=None)
+    vae_weights = train.load_file(str(train.checkpoint_path(out, "vae")))
+    train.run("decoder", out, stop(), resume=False, bundle=None)
+    decoder_weights = train.load_file(str(train.checkpoint_path(out, "decoder")))
+    names = {k for k in decoder_weights if k.startswith("model.")}
+    assert names and all(k.startswith(("model.decoder.", "model.post_quant_conv.")) for k in names)
+    assert any(not torch.equal(decoder_weights[k], vae_weights[k]) for k in names)
+    vae = train.load_frozen_vae(out, train.build_components(config)["vae"])
+    for key, value in vae.state_dict().items():
+        source = decoder_weights if f"model.{key}" in names else vae_weights
+        assert torch.equal(value.half(), source[f"model.{key}"]), key
+    with pytest.raises(SystemExit, match="use --phase decoder"):
+        train.run("vae", out, stop(), resume=True, bundle=None)
