@@ -13,22 +13,24 @@ Training runs in phases, each resumable and each stopping cleanly (checkpoint wr
   decoder  the VAE's decoder alone, encoder frozen (as SD's fine-tuned VAE decoders were); it can
            run beside the unet phase, since the latents the UNet learns do not change
   unet     UNet and text encoder together, on the frozen VAE's latents; 10 % of captions empty
-  export  the bundle, via StableDiffusionPipeline.save_pretrained (fp16 safetensors)
+  export   the bundle, via StableDiffusionPipeline.save_pretrained (fp16 safetensors)
 
 On a 2-core machine, in the background, with one thread so the other core stays free:
 
   nohup python scripts/train_demo_model.py --phase vae --resume --minutes 120 --threads 1 \\
-      >> out/demo-model/train.out 2>&1 &
+      >> training/demo-model/train.out 2>&1 &
 
 Repeat with --resume until the logged PSNR stops improving, then the same for --phase unet,
 then --phase export. On two cores, once the encoder is good enough, `--phase decoder` and
 `--phase unet` can run side by side (one thread each); after that the vae phase refuses to
 resume, because it would change the encoder under the UNet.
 
-Everything lands in --out (default out/demo-model): config.json (the settings), run.json (every
-run with its duration and speed), {phase}_log.jsonl (losses), checkpoints/{phase}.safetensors
-(the one current checkpoint of each phase) and bundle/. `--smoke` runs every phase for a few
-steps at batch 2 into a fresh folder.
+Everything lands in --out (default training/demo-model): config.json (the settings), run.json
+(every run with its duration and speed), {phase}_log.jsonl (losses), checkpoints/{phase}.safetensors
+(the one current checkpoint of each phase) and bundle/. The run folder is committed between
+sessions (without bundle/ and train.out, see .gitignore), so a later session on a new machine
+resumes where the last one stopped. `--smoke` runs every phase for a few steps at batch 2 into a
+fresh folder.
 """
 
 from __future__ import annotations
@@ -835,7 +837,7 @@ def smoke(out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase", choices=PHASES, help="what to train or write")
-    parser.add_argument("--out", type=Path, default=Path("out/demo-model"), help="run folder")
+    parser.add_argument("--out", type=Path, default=Path("training/demo-model"), help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the phase's checkpoint")
     parser.add_argument("--minutes", type=float, help="stop cleanly after this many minutes")
     parser.add_argument("--steps", type=int, help="stop when the phase reaches this many steps")
