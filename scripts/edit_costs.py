@@ -12,7 +12,6 @@ The table is printed and written between markers in --out.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 import dragondiffusion
+from dragondiffusion.bench.sections import write_section
 from dragondiffusion.testing import build_tiny_bundle
 
 COUNTS = ("inversion", "denoise", "features", "backward", "rollback", "forward")
@@ -101,21 +101,6 @@ def table(pipe, steps: int, edits: list[str], modes: list[str]) -> str:
         "block; `backward` counts autograd.grad calls (E_edit and E_content separately)."
     )
     return "\n".join([*lines, "", note])
-
-
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Put `body` under `title` in the file at `path`, replacing the earlier section of `key`."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{start}\n## {title}\n\n{body}\n{end}"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Command-line interface: `dragondiffusion move …`, `… info`, `… demo`."""
+"""Command-line interface: `dragondiffusion move …`, `… info`, `… demo`, `… bench quality`."""
 
 from __future__ import annotations
 
@@ -138,7 +138,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="dragondiffusion-demo", help="output folder (default dragondiffusion-demo)"
     )
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub) -> None:
+    """`bench quality` (the speed harness will be the group's next member)."""
+    from .bench import ABLATIONS, EDITS
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    group = bench.add_subparsers(dest="benchmark", required=True)
+    quality = group.add_parser(
+        "quality",
+        help="every edit against the exact expected result of held-out scenes, with a naive "
+        "baseline, the unedited input and ablations; writes a table and a contact sheet",
+    )
+    add_model_options(quality)
+    quality.add_argument("--n", type=int, default=50, help="scenes per edit (default 50)")
+    quality.add_argument("--edits", default=",".join(EDITS), help="edits (default: all)")
+    quality.add_argument(
+        "--mode", default="diffeditor,dragon", help="sampler modes, one row each (default both)"
+    )
+    quality.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    quality.add_argument("--seed", type=int, default=0, help="scenes and sampler seed (0)")
+    quality.add_argument(
+        "--ablations",
+        default=",".join(ABLATIONS),
+        help="ablations, in the first mode, or none (default: all)",
+    )
+    quality.add_argument(
+        "--fewer-steps", type=int, help="steps of the fewer-steps ablation (40 %% of --steps)"
+    )
+    quality.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    quality.add_argument(
+        "--out", default="quality-bench", help="output folder (default quality-bench)"
+    )
+    quality.add_argument(
+        "--docs",
+        default="docs/benchmarks.md",
+        help="markdown file that gets the table's section (default docs/benchmarks.md)",
+    )
+    quality.add_argument("--no-docs", action="store_true", help="write no markdown section")
 
 
 def check_output(out: str, inputs: list[str | None]) -> Path:
@@ -216,6 +256,29 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, args.model, args.steps, args.device, args.dtype)
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    try:
+        from .bench import quality
+    except ImportError as err:
+        raise InputError(
+            f"the quality benchmark needs {err.name}: pip install 'dragondiffusion[bench]'"
+        ) from None
+    settings = quality.Settings(
+        model=args.model,
+        n=args.n,
+        edits=quality.choices(args.edits, quality.EDITS, "--edits"),
+        modes=quality.choices(args.mode, quality.MODES, "--mode"),
+        steps=args.steps,
+        seed=args.seed,
+        ablations=quality.choices(args.ablations, quality.ABLATIONS, "--ablations", empty=True),
+        fewer_steps=args.fewer_steps,
+        baseline=not args.no_baseline,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    quality.quality(settings, args.out, None if args.no_docs else args.docs)
+
+
 def run_info(args: argparse.Namespace) -> None:
     import diffusers
     import torch
@@ -251,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        {"info": run_info, "demo": run_demo}.get(args.command, run_edit)(args)
+        commands = {"info": run_info, "demo": run_demo, "bench": run_bench}
+        commands.get(args.command, run_edit)(args)
     except InputError as err:
         print(f"dragondiffusion: error: {err}", file=sys.stderr)
         return 2

@@ -221,15 +221,16 @@ class DemoEdit:
         return self.result.record["evaluations"]["backward"]
 
 
-def prepare_output(out: str | Path) -> Path:
-    """The demo folder; refuses a file, or a folder holding files that no demo wrote."""
+def prepare_output(out: str | Path, summary: str = SUMMARY, what: str = "demo") -> Path:
+    """The output folder of a `what` whose folders hold `summary`; refuses a file, or a folder
+    holding files that no such run wrote."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise InputError(f"--out {str(path)!r} is a file; give a folder for the demo's pictures")
-    if path.is_dir() and any(path.iterdir()) and not (path / SUMMARY).is_file():
+        raise InputError(f"--out {str(path)!r} is a file; give a folder for the {what}'s pictures")
+    if path.is_dir() and any(path.iterdir()) and not (path / summary).is_file():
         raise InputError(
-            f"--out {str(path)!r} already holds files that the demo did not write; give a new or "
-            "empty folder (the demo only overwrites its own earlier output)"
+            f"--out {str(path)!r} already holds files that the {what} did not write; give a new "
+            f"or empty folder (the {what} only overwrites its own earlier output)"
         )
     return path
 
@@ -242,9 +243,18 @@ def write_png(image: Image.Image | np.ndarray, path: Path) -> Path:
 
 
 def run_example(
-    pipe: DragonPipeline, example: Example, steps: int, inversions: dict, seed: int = 42
+    pipe: DragonPipeline,
+    example: Example,
+    steps: int,
+    inversions: dict,
+    seed: int = 42,
+    **options: Any,
 ) -> DemoEdit:
-    """Run one example, inverting its image(s) unless an earlier example already did."""
+    """Run one example, inverting its image(s) unless an earlier example already did.
+
+    `inversions` maps Example.inversion keys to inversions of `steps` steps; `options` go to the
+    edit as they are (other EditOptions fields, `weights`).
+    """
     started = time.perf_counter()
     inversion_seconds = None
     given = example.arguments
@@ -258,7 +268,9 @@ def run_example(
         )
         inversion_seconds = time.perf_counter() - started
     arguments = {**given, "image": inversions[example.inversion]}
-    result = getattr(pipe, example.edit)(**arguments, num_inference_steps=steps, seed=seed)
+    result = getattr(pipe, example.edit)(
+        **arguments, num_inference_steps=steps, seed=seed, **options
+    )
     return DemoEdit(example, result, time.perf_counter() - started, inversion_seconds)
 
 

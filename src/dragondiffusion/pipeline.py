@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import PIL.Image
@@ -62,6 +62,8 @@ class EditOptions:
     sde_strength: float = 0.4
     sde_strength_outside: float = 0.0
     ip_scale: float = 0.1
+    memory_bank: bool = True
+    """False: plain self-attention at every step, the bank unread (an ablation)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -358,6 +360,8 @@ class DragonPipeline(StableDiffusionPipeline):
         self, inversion: Inversion, plan: EditPlan, options: EditOptions, started: float
     ) -> EditResult:
         """Sample the plan with the shared guided sampler and package the result."""
+        if not options.memory_bank:
+            plan = replace(plan, bank_steps=range(0))
         steps = DDIMTimesteps(self.scheduler, inversion.num_steps)
         schedule = GuidanceSchedule.for_mode(
             options.mode,

@@ -1,0 +1,11 @@
+"""Benchmarks: `quality` compares every edit with the exact expected result of procedural scenes.
+
+The submodules need the `bench` extra (scikit-image for SSIM and histogram matching, OpenCV for
+the naive baseline's inpainting); this package itself imports nothing, so the CLI can list the
+choices below without them.
+"""
+
+EDITS = ("move", "resize", "appearance", "drag", "paste")
+"""Edits the quality benchmark runs; resize is a move with a scale, in place."""
+ABLATIONS = ("no-bank", "no-content", "no-edit", "fewer-steps")
+"""Ablations of the method: memory bank off, w_content = 0, w_edit = 0, fewer DDIM steps."""

@@ -1,0 +1,382 @@
+"""`dragondiffusion bench quality`: every edit against its exact expected result.
+
+Held-out procedural scenes (`cases`) are edited by the method (one row per sampler mode), by its
+ablations (in the first mode), by a naive cut-paste-inpaint baseline (`baseline`) and by nobody
+(identity: the input itself), and each output is compared with the scene generator's exact
+expected image. One more row, exact, measures the expected image itself: what the measurements
+read off a perfect edit (their own noise: segmentation edges, patch tracking). Rows: variant ×
+edit; columns: the means over the scenes (NaN values, e.g. an empty vacated area, are left out of
+a mean; an infinite PSNR makes the mean infinite):
+
+- found: share of scenes where the edited object was segmented in the output (metrics.segment:
+  the largest connected set of pixels of the object's expected colours), at least FOUND_SHARE of
+  the expected object's size;
+- place px / place cells: move, resize, appearance, paste: the distance between the centroid of
+  the segmented object and that of the expected object (NaN where not found); drag: the distance
+  between where the handle's content is found in the output (metrics.track_point: the input's
+  patch of one cell's radius around the handle, best match within 1.5 × the drag distance of
+  the target) and the target. Cells are the energy grid's (`features.energy_grid`, 4 working
+  pixels for SD-format models), measured in output pixels;
+- obj PSNR / obj SSIM / hist: the expected object's pixels, output against expected: PSNR, mean
+  SSIM map, and the total-variation distance of their colour histograms;
+- bg PSNR / bg SSIM: every pixel farther than one feature cell from what the edit may change
+  (old and new place, moved shadows, and for drag the editable region), output against
+  expected (identical to the input there);
+- vac PSNR / ghost (move, resize): the vacated area, the old place less the new one grown by
+  1 px: PSNR against the true background, and the share of its pixels that still have the
+  object's colour;
+- img PSNR / img SSIM: the whole image.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..demo import prepare_output, run_example, write_text
+from ..edits import AppearanceWeights, DragWeights, MoveWeights, PasteWeights
+from ..errors import InputError
+from ..features import energy_grid
+from ..io import atomic_write
+from ..model_report import dilate, masked_psnr, psnr
+from ..sampler import MODES
+from . import ABLATIONS, EDITS
+from .baseline import baseline, require_cv2
+from .cases import Case, draw_cases
+from .metrics import (
+    ObjectColours,
+    centroid_error,
+    ghost_fraction,
+    histogram_distance,
+    mean_over,
+    point_errors,
+    segment,
+    ssim,
+)
+from .report import brief, model_label, section, sheet, summary, table
+from .sections import write_section
+
+if TYPE_CHECKING:
+    from ..pipeline import DragonPipeline
+
+FOUND_SHARE = 0.25
+"""A segmented object smaller than this share of the expected object counts as not found."""
+SUMMARY = "quality.json"
+"""Written first (status "incomplete") and last; marks a folder as the benchmark's output."""
+WEIGHTS = {
+    "move": MoveWeights,
+    "appearance": AppearanceWeights,
+    "drag": DragWeights,
+    "paste": PasteWeights,
+}
+"""The weights dataclass of each pipeline edit (resize is `move`)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of producing an output for a case: a group of rows of the table.
+
+    mode None: not the method (identity, baseline). Otherwise the method with this sampler mode,
+    `steps`, the memory bank on or off, and the named weights of the edit overridden.
+    """
+
+    name: str
+    label: str
+    mode: str | None = None
+    steps: int | None = None
+    memory_bank: bool = True
+    weights: tuple[tuple[str, float], ...] = ()
+
+
+IDENTITY = Variant("identity", "identity (input)")
+EXACT = Variant("exact", "exact (expected image)")
+BASELINE = Variant("baseline", "baseline (cut-paste + Telea)")
+
+
+def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
+    """The method in `mode` with one part taken away (see ABLATIONS)."""
+    if name == "no-bank":
+        return Variant(name, f"{mode} − memory bank", mode, steps, memory_bank=False)
+    if name == "no-content":
+        return Variant(name, f"{mode} − content energy", mode, steps, weights=(("w_content", 0),))
+    if name == "no-edit":
+        return Variant(name, f"{mode} − edit energy", mode, steps, weights=(("w_edit", 0),))
+    if name == "fewer-steps":
+        return Variant(name, f"{mode}, {fewer_steps} steps", mode, fewer_steps)
+    raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+
+
+def require_known(
+    names: Sequence[str], allowed: Sequence[str], option: str, empty: bool = False
+) -> tuple[str, ...]:
+    """The names, each once, in order; InputError when one is unknown, or none is given and
+    `empty` is False."""
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not (names or empty):
+        given = ", ".join(unknown) if unknown else "nothing"
+        raise InputError(
+            f"{option}: {given} is not a choice; give a comma-separated list of "
+            f"{', '.join(allowed)}" + (", or none" if empty else "")
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def choices(text: str, allowed: Sequence[str], option: str, empty: bool = False) -> tuple[str, ...]:
+    """A command-line list of `allowed` names, comma-separated ("none": no name, when `empty`)."""
+    if empty and text.strip() == "none":
+        return ()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return require_known(names, allowed, option, empty=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `bench quality` runs; the defaults are the documented full run."""
+
+    model: str | None = None
+    n: int = 50
+    edits: tuple[str, ...] = EDITS
+    modes: tuple[str, ...] = MODES
+    steps: int = 50
+    seed: int = 0
+    ablations: tuple[str, ...] = ABLATIONS
+    fewer_steps: int | None = None
+    """Steps of the fewer-steps ablation; None: 40 % of `steps` (20 of 50)."""
+    baseline: bool = True
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise InputError(f"--n must be at least 1 scene per edit, got {self.n}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be a whole number ≥ 0, got {self.seed}")
+        if self.steps < 2:
+            raise InputError(f"--steps must be at least 2, got {self.steps}")
+        if "fewer-steps" in self.ablations and not 2 <= self.fewer < self.steps:
+            raise InputError(
+                f"the fewer-steps ablation needs 2 ≤ --fewer-steps < --steps ({self.steps}), got "
+                f"{self.fewer}; give another --fewer-steps or leave fewer-steps out of --ablations"
+            )
+        require_known(self.edits, EDITS, "--edits")
+        require_known(self.modes, MODES, "--mode")
+        require_known(self.ablations, ABLATIONS, "--ablations", empty=True)
+
+    @property
+    def fewer(self) -> int:
+        """The step count of the fewer-steps ablation."""
+        return self.fewer_steps if self.fewer_steps is not None else max(2, round(0.4 * self.steps))
+
+    def variants(self) -> list[Variant]:
+        """Identity, exact, baseline, the method in each mode, then the ablations in the first
+        mode."""
+        rows = [IDENTITY, EXACT, *([BASELINE] if self.baseline else [])]
+        rows += [Variant(m, m, m, self.steps) for m in self.modes]
+        rows += [ablation(a, self.modes[0], self.steps, self.fewer) for a in self.ablations]
+        return rows
+
+    def command(self) -> str:
+        """The command line that runs these settings."""
+        parts = ["dragondiffusion bench quality"]
+        if self.model is not None:
+            parts.append(f"--model {self.model}")
+        parts += [
+            f"--n {self.n}",
+            f"--edits {','.join(self.edits)}",
+            f"--mode {','.join(self.modes)}",
+            f"--steps {self.steps}",
+            f"--seed {self.seed}",
+            f"--ablations {','.join(self.ablations) or 'none'}",
+        ]
+        if "fewer-steps" in self.ablations:
+            parts.append(f"--fewer-steps {self.fewer}")
+        if not self.baseline:
+            parts.append("--no-baseline")
+        return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and measuring.
+
+
+def cell_pixels(pipe: DragonPipeline, size: int) -> float:
+    """Output pixels per energy-grid cell for a square input of `size` pixels."""
+    w, h = pipe.working_size((size, size))
+    grid = energy_grid((h // pipe.vae_scale_factor, w // pipe.vae_scale_factor))
+    return size / grid[1]
+
+
+def produce(
+    pipe: DragonPipeline,
+    case: Case,
+    variant: Variant,
+    inversions: dict[int, dict],
+    seed: int,
+    cell_px: float,
+) -> np.ndarray:
+    """The variant's output (H, W, 3) uint8 for the case.
+
+    inversions: steps → the case's inversions of that many steps (shared by the variants).
+    """
+    if variant is IDENTITY:
+        return case.image
+    if variant is EXACT:
+        return case.expected
+    if variant is BASELINE:
+        return baseline(case.example.edit, case.example.arguments, cell_px)
+    options: dict[str, Any] = {"mode": variant.mode, "memory_bank": variant.memory_bank}
+    if variant.weights:
+        options["weights"] = replace(WEIGHTS[case.example.edit](), **dict(variant.weights))
+    steps = variant.steps
+    assert steps is not None
+    done = run_example(pipe, case.example, steps, inversions.setdefault(steps, {}), seed, **options)
+    return np.asarray(done.result.image.convert("RGB"))
+
+
+def measure(case: Case, output: np.ndarray, cell_px: float) -> dict[str, float]:
+    """Every metric of the module doc for one output (uint8, the expected image's shape)."""
+    truth = case.expected
+    if output.shape != truth.shape:
+        raise ValueError(f"output is {output.shape}, the expected image {truth.shape}")
+    obj = case.expected_mask
+    colours = ObjectColours.of(truth, obj)
+    found = segment(output, colours)
+    if found.sum() < FOUND_SHARE * obj.sum():
+        found = np.zeros_like(found)
+    if case.points is not None:
+        patch = max(2, round(cell_px))
+        errors = point_errors(case.image, output, case.points.source, case.points.target, patch)
+        place = float(errors.mean())
+    else:
+        place = centroid_error(found, obj)
+    image_ssim, ssim_map = ssim(output, truth)
+    background = ~dilate(case.edited, max(1, round(cell_px)))
+    vacated = case.vacated(1) if case.edit in ("move", "resize") else np.zeros_like(obj)
+    return {
+        "found": float(found.any()),
+        "place_px": place,
+        "place_cells": place / cell_px,
+        "object_psnr": masked_psnr(output, truth, obj),
+        "object_ssim": mean_over(ssim_map, obj),
+        "histogram": histogram_distance(output[obj], truth[obj]),
+        "background_psnr": masked_psnr(output, truth, background),
+        "background_ssim": mean_over(ssim_map, background),
+        "vacated_psnr": masked_psnr(output, truth, vacated),
+        "ghost": ghost_fraction(output, vacated, colours),
+        "image_psnr": psnr(output, truth),
+        "image_ssim": image_ssim,
+    }
+
+
+@dataclass
+class QualityRun:
+    """A finished (or partial) benchmark: settings, per-output metrics, and the example sheet.
+
+    results: one dict per (edit, case, variant): edit, case, seeds, variant, seconds and every
+    metric of COLUMNS.
+    """
+
+    settings: Settings
+    model: str
+    device: str
+    cell_px: float
+    results: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[tuple[Case, dict[str, np.ndarray]]] = field(default_factory=list)
+    seconds: float = 0.0
+    date: str = field(default_factory=lambda: datetime.date.today().isoformat())
+
+
+def run(pipe: DragonPipeline, settings: Settings, log: Callable[[str], None] = print) -> QualityRun:
+    """Run every case of every edit through every variant and measure it (no files written).
+
+    Scenes are rendered at the model's native resolution; the first case of each edit is kept
+    for the contact sheet.
+    """
+    size = pipe.native_resolution
+    cell_px = cell_pixels(pipe, size)
+    result = QualityRun(settings, settings.model or pipe.model_name, str(pipe.device), cell_px)
+    variants = settings.variants()
+    started = time.perf_counter()
+    for edit in settings.edits:
+        cases = draw_cases(edit, settings.n, settings.seed, size)
+        for k, case in enumerate(cases, 1):
+            seeds = ", ".join(map(str, case.seeds))
+            log(f"[{edit} {k}/{len(cases)}] scene {seeds}: {case.example.title}")
+            inversions: dict[int, dict] = {}
+            outputs = {}
+            for variant in variants:
+                began = time.perf_counter()
+                output = produce(pipe, case, variant, inversions, settings.seed, cell_px)
+                seconds = time.perf_counter() - began
+                metrics = measure(case, output, cell_px)
+                result.results.append(
+                    {
+                        "edit": edit,
+                        "case": k,
+                        "seeds": list(case.seeds),
+                        "variant": variant.name,
+                        "seconds": round(seconds, 3),
+                        **metrics,
+                    }
+                )
+                outputs[variant.name] = output
+                log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}")
+            if k == 1:
+                result.examples.append((case, outputs))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def quality(
+    settings: Settings,
+    out: str | Path = "quality-bench",
+    docs: str | Path | None = "docs/benchmarks.md",
+    log: Callable[[str], None] = print,
+) -> QualityRun:
+    """Load the model, run the benchmark, print the table and write its files.
+
+    out/: quality.json (settings, table, every output's metrics), quality.md (the section),
+    contact_sheet.png. docs: the markdown file that gets the section `quality:<model>`
+    (None: none).
+    """
+    from ..models import default_model, load
+
+    folder = prepare_output(out, SUMMARY, "quality benchmark")
+    if settings.baseline:
+        require_cv2()  # fail now, not after the long run
+    name = default_model() if settings.model is None else settings.model
+    log(f"loading model {name} …")
+    pipe = load(name, settings.device, settings.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    variants = settings.variants()
+    log(
+        f"{settings.n} scene(s) × {len(settings.edits)} edit(s) × {len(variants)} variant(s) at "
+        f"{pipe.native_resolution} px on {pipe.device}; writing to {folder}/"
+    )
+    write_text(
+        folder / SUMMARY, summary(QualityRun(settings, name, str(pipe.device), 0), "incomplete")
+    )
+    done = run(pipe, settings, log)
+    text = section(done)
+    atomic_write(
+        folder / "contact_sheet.png", lambda tmp: sheet(done).save(tmp, "PNG", optimize=True)
+    )
+    write_text(folder / "quality.md", text + "\n")
+    write_text(folder / SUMMARY, summary(done, "complete"))
+    log(table(done))
+    if docs is not None:
+        label = model_label(settings.model)
+        write_section(docs, f"quality:{label}", f"Quality: {label}", text)
+        log(f"wrote the section 'Quality: {label}' of {docs}")
+    log(f"wrote {folder}/contact_sheet.png, quality.md and {SUMMARY} in {done.seconds:.1f} s")
+    return done

@@ -1,0 +1,425 @@
+"""`dragondiffusion bench quality`: metrics by hand, cases, baseline, CLI files, determinism.
+
+Nothing here asserts the method's quality on the tiny bundle: it has random weights. The quality
+thresholds are in `test_embedded_model_quality_small_version` at the end (slow; skipped until the
+trained embedded model ships).
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dragondiffusion import models, scenes
+from dragondiffusion.bench import ABLATIONS, EDITS, baseline, cases, metrics, quality, report
+from dragondiffusion.bench.sections import write_section
+from dragondiffusion.cli import main
+from dragondiffusion.errors import InputError
+from dragondiffusion.model_report import dilate, masked_psnr, psnr
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+FLAT = scenes.Background("gradient", "grey", "grey", 0.0, 0.5, 0, False)
+GREY, RED = (140, 140, 140), (214, 39, 40)
+RUN = {"n": 2, "steps": 2, "modes": ("diffeditor",), "ablations": ("no-bank", "no-edit")}
+"""The small run of the CLI test and the determinism test (5 edits × 2 scenes × 6 variants)."""
+
+
+def flat_scene(centre: tuple[float, float] = (40.0, 50.0)) -> scenes.Scene:
+    """A flat red square on a flat grey background, no shadow."""
+    square = scenes.SceneObject(scenes.Shape("square", centre, 14.0, 0.0), "red", "flat")
+    return scenes.Scene(128, FLAT, (square,))
+
+
+def square_image(x0: int, y0: int, side: int = 10, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full((size, size, 3), GREY, np.uint8)
+    mask = np.zeros((size, size), bool)
+    mask[y0 : y0 + side, x0 : x0 + side] = True
+    image[mask] = RED
+    return image, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, by hand.
+
+
+def test_identical_images_have_infinite_psnr_and_unit_ssim():
+    image, mask = square_image(10, 20)
+    value, ssim_map = metrics.ssim(image, image)
+    assert value == pytest.approx(1.0)
+    assert np.allclose(ssim_map, 1.0)
+    assert metrics.mean_over(ssim_map, mask) == pytest.approx(1.0)
+    assert math.isnan(metrics.mean_over(ssim_map, np.zeros_like(mask)))
+    assert psnr(image, image) == math.inf == masked_psnr(image, image, mask)
+
+
+def test_ssim_of_a_region_is_the_mean_of_the_map_there():
+    a, mask = square_image(10, 20)
+    b = a.copy()
+    b[mask] = (200, 60, 60)
+    value, ssim_map = metrics.ssim(a, b)
+    assert value < 1.0
+    far = np.zeros_like(mask)
+    far[50:, 40:] = True  # more than the 7×7 window's reach from the change
+    assert metrics.mean_over(ssim_map, far) == pytest.approx(1.0)
+    assert metrics.mean_over(ssim_map, mask) < 0.99
+
+
+def test_histogram_distance_by_hand():
+    black, white = np.zeros((4, 3), np.uint8), np.full((4, 3), 255, np.uint8)
+    half = np.concatenate([black[:2], white[:2]])
+    assert metrics.histogram_distance(black, black) == 0.0
+    assert metrics.histogram_distance(black, white) == 1.0
+    assert metrics.histogram_distance(black, half) == 0.5
+    # 8 bins per channel: 0 and 31 share a bin, 32 does not.
+    assert metrics.histogram_distance(black, np.full((4, 3), 31, np.uint8)) == 0.0
+    assert metrics.histogram_distance(black, np.full((4, 3), 32, np.uint8)) == 1.0
+    assert math.isnan(metrics.histogram_distance(black, black[:0]))
+
+
+def test_centroid_error_of_a_known_shift():
+    _, before = square_image(10, 20)
+    _, after = square_image(13, 24)
+    assert metrics.centroid_error(after, before) == pytest.approx(5.0)
+    assert math.isnan(metrics.centroid_error(np.zeros_like(before), before))
+
+
+def test_segmentation_finds_the_shifted_object_and_ignores_specks():
+    truth, mask = square_image(10, 20)
+    output, _ = square_image(13, 24)
+    output[60, 60] = RED  # a stray pixel of the object's colour
+    colours = metrics.ObjectColours.of(truth, mask)
+    found = metrics.segment(output, colours)
+    assert found.sum() == 100 and not found[60, 60]
+    assert metrics.centroid_error(found, mask) == pytest.approx(5.0)
+    # A colour half-way to the background is neither; a near-red one is the object.
+    assert not colours.matches(np.array([[[177, 90, 90]]], np.uint8))[0, 0]
+    assert colours.matches(np.array([[[200, 50, 50]]], np.uint8))[0, 0]
+
+
+def test_largest_component_keeps_the_biggest_blob():
+    mask = np.zeros((10, 10), bool)
+    mask[0:2, 0:2] = True
+    mask[5:9, 5:9] = True
+    mask[4, 4] = True  # touches the big blob diagonally: 8-connected
+    kept = metrics.largest_component(mask)
+    assert kept.sum() == 17 and not kept[0, 0]
+    assert not metrics.largest_component(np.zeros((3, 3), bool)).any()
+
+
+def test_ghost_fraction_of_a_synthetic_image():
+    truth, new_place = square_image(40, 40)
+    vacated = np.zeros_like(new_place)
+    vacated[10:20, 10:20] = True
+    output = truth.copy()
+    output[10:15, 10:20] = RED  # half of the old place still shows the object
+    colours = metrics.ObjectColours.of(truth, new_place)
+    assert metrics.ghost_fraction(output, vacated, colours) == 0.5
+    assert metrics.ghost_fraction(truth, vacated, colours) == 0.0
+    assert math.isnan(metrics.ghost_fraction(output, np.zeros_like(vacated), colours))
+
+
+def test_track_point_finds_a_known_shift():
+    rng = np.random.default_rng(0)
+    before = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    after = np.roll(before, (-3, 5), axis=(0, 1))  # content moves 5 right, 3 up
+    x, y = metrics.track_point(before, after, (20.5, 24.5), (25.5, 21.5), 3, 6)
+    assert (x, y) == pytest.approx((25.5, 21.5), abs=0.25)
+    errors = metrics.point_errors(
+        before, after, np.array([[20.5, 24.5]]), np.array([[25.5, 21.5]]), 3
+    )
+    assert errors[0] < 0.25
+    # Where nothing moved, the search (it reaches back to the source) finds the source.
+    x, y = metrics.track_point(before, before, (20.5, 24.5), (25.5, 21.5), 3, 12)
+    assert (x, y) == pytest.approx((20.5, 24.5), abs=0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases.
+
+
+@pytest.fixture(scope="module")
+def drawn():
+    return {edit: cases.draw_cases(edit, 3, 7, 128) for edit in EDITS}
+
+
+def test_cases_are_deterministic_and_held_out(drawn):
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, train)
+    spec.loader.exec_module(train)
+    assert cases.HELD_OUT_SEEDS == train.TRAIN_SEED_FLOOR
+    for edit, first in drawn.items():
+        again = cases.draw_cases(edit, 3, 7, 128)
+        assert [c.seeds for c in first] == [c.seeds for c in again]
+        for a, b in zip(first, again, strict=True):
+            assert np.array_equal(a.expected, b.expected) and np.array_equal(a.image, b.image)
+        assert all(s < cases.HELD_OUT_SEEDS for c in first for s in c.seeds)
+    other = cases.draw_cases("move", 3, 8, 128)
+    assert [c.seeds for c in other] != [c.seeds for c in drawn["move"]]
+
+
+def test_every_case_keeps_its_object_whole_and_inside(drawn):
+    margin = cases.margin_for(128)
+    for edit, drawn_cases in drawn.items():
+        for case in drawn_cases:
+            assert case.edit == edit
+            for mask in (case.expected_mask, case.source_mask):
+                assert not (mask[:margin].any() or mask[-margin:].any())
+                assert not (mask[:, :margin].any() or mask[:, -margin:].any())
+            assert case.expected_mask.sum() >= 64
+            assert (case.edited >= case.expected_mask).all()
+            a = case.example.arguments
+            if edit == "move":
+                shift = math.dist(a["source"], a["target"])
+                assert 0.15 * 128 <= shift <= 0.35 * 128 and a["scale"] == 1.0
+                assert case.vacated(1).sum() > 0
+            if edit == "resize":
+                assert a["source"] == a["target"]
+                assert 0.7 <= a["scale"] <= 1.4 and abs(a["scale"] - 1) >= 0.1
+            if edit == "drag":
+                assert case.points.source.shape == (1, 2)
+                assert tuple(case.points.source[0]) == a["points"][0][0]
+                assert tuple(case.points.target[0]) == pytest.approx(a["points"][0][1])
+            if edit == "paste":
+                assert not case.source_mask.any() and len(case.seeds) == 2
+
+
+def test_the_exact_result_scores_perfectly_and_the_input_does_not(drawn):
+    for edit, drawn_cases in drawn.items():
+        for case in drawn_cases:
+            exact = quality.measure(case, case.expected, 4.0)
+            assert exact["found"] == 1.0
+            assert exact["object_psnr"] == exact["background_psnr"] == math.inf
+            assert exact["image_psnr"] == math.inf and exact["image_ssim"] == pytest.approx(1.0)
+            assert exact["histogram"] == 0.0
+            assert exact["place_px"] < (2.0 if edit == "drag" else 0.6)
+            same = quality.measure(case, case.image, 4.0)
+            assert same["background_psnr"] == math.inf  # the input is exact outside the edit
+            assert same["background_ssim"] == pytest.approx(1.0, abs=1e-4)
+            if edit == "move":
+                assert exact["ghost"] == 0.0 and exact["vacated_psnr"] == math.inf
+                assert same["ghost"] > 0.8
+                shift = math.dist(
+                    case.example.arguments["source"], case.example.arguments["target"]
+                )
+                assert same["place_px"] == pytest.approx(shift, abs=1.0)
+            if edit == "drag":
+                handle, target = case.example.arguments["points"][0]
+                assert same["place_px"] > 0.5 * math.dist(handle, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline.
+
+
+def test_baseline_moves_a_flat_object_on_a_flat_background_exactly():
+    scene = flat_scene()
+    image, (mask,) = scenes.render(scene)
+    expected, (moved_mask,) = scenes.moved(scene, 0, 30.0, 10.0)
+    out = baseline.cut_and_paste(image, mask, (40.0, 50.0), (70.0, 60.0))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert masked_psnr(out, expected, dilate(moved_mask, 1)) == math.inf
+    vacated = mask & ~moved_mask
+    assert masked_psnr(out, expected, vacated) >= 40.0  # Telea on a flat grey: off by ≤ 1
+    assert psnr(out, expected) >= 45.0
+
+
+def test_transformed_layer_puts_content_where_the_points_say():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[10, 10] = 255
+    mask = np.zeros((32, 32), bool)
+    mask[10, 10] = True
+    colour, coverage = baseline.transformed_layer(image, mask, (10.5, 10.5), (20.5, 15.5))
+    assert coverage[15, 20] == 1.0 and coverage.sum() == 1.0
+    assert tuple(colour[15, 20]) == (255.0, 255.0, 255.0)
+    # Scaling about the handle keeps the handle's pixel in place and grows the rest.
+    block = np.zeros((32, 32), bool)
+    block[8:12, 8:12] = True
+    _, grown = baseline.transformed_layer(image, block, (10.0, 10.0), (10.0, 10.0), 2.0)
+    assert grown[7:13, 7:13].min() == 1.0 and grown.sum() == pytest.approx(64)  # 4 × 16 px
+    assert grown[5:15, 5:15].sum() == pytest.approx(64)  # [6, 14) blurred by half a pixel
+
+
+def test_baseline_runs_every_edit_and_places_moves_and_pastes(drawn):
+    for edit, drawn_cases in drawn.items():
+        case = drawn_cases[0]
+        out = baseline.baseline(case.example.edit, case.example.arguments, 4.0)
+        assert out.dtype == np.uint8 and out.shape == case.expected.shape
+        found = quality.measure(case, out, 4.0)
+        assert found["background_psnr"] == math.inf  # it touches nothing outside the edit
+        if edit in ("move", "paste"):
+            assert found["found"] == 1.0 and found["place_px"] < 1.0
+
+
+def test_missing_opencv_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(InputError, match=r"dragondiffusion\[bench\]"):
+        baseline.require_cv2()
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, variants, the no-bank switch.
+
+
+def test_settings_refuse_bad_choices():
+    with pytest.raises(InputError, match="rotate"):
+        quality.Settings(edits=("rotate",))
+    with pytest.raises(InputError, match="--fewer-steps"):
+        quality.Settings(steps=10, fewer_steps=10)
+    with pytest.raises(InputError, match="--n"):
+        quality.Settings(n=0)
+    with pytest.raises(InputError, match="--mode"):
+        quality.choices("", ("diffeditor", "dragon"), "--mode")
+    assert quality.choices("none", ABLATIONS, "--ablations", empty=True) == ()
+    assert quality.choices("move, drag,move", EDITS, "--edits") == ("move", "drag")
+    quality.Settings(steps=10, fewer_steps=10, ablations=("no-bank",))  # no fewer-steps: fine
+    assert quality.Settings().fewer == 20 and quality.Settings(steps=10).fewer == 4
+    with pytest.raises(InputError, match="leave fewer-steps out"):
+        quality.Settings(steps=2)  # 2 steps leave no fewer steps to run
+
+
+def test_variants_are_identity_exact_baseline_modes_then_ablations():
+    settings = quality.Settings(steps=30, fewer_steps=12)
+    names = [v.name for v in settings.variants()]
+    assert names == ["identity", "exact", "baseline", "diffeditor", "dragon", *ABLATIONS]
+    by_name = {v.name: v for v in settings.variants()}
+    assert not by_name["no-bank"].memory_bank and by_name["no-bank"].mode == "diffeditor"
+    assert dict(by_name["no-content"].weights) == {"w_content": 0}
+    assert dict(by_name["no-edit"].weights) == {"w_edit": 0}
+    assert by_name["fewer-steps"].steps == 12 and by_name["dragon"].steps == 30
+    assert "--fewer-steps 12" in settings.command()
+    assert "baseline" not in [v.name for v in quality.Settings(baseline=False).variants()]
+
+
+def test_memory_bank_option_switches_the_bank_off(pipe, inversion, scene):
+    mask = scene[1]
+    bank = pipe.memory_bank
+    used = {}
+    for on in (True, False):
+        bank.used, bank.log_use = [], True
+        try:
+            result = pipe.move(inversion, mask, (35, 45), (90, 45), memory_bank=on)
+        finally:
+            bank.log_use = False
+        used[on] = list(bank.used)
+        assert result.record["bank"]["steps"][1] == (10 if on else 0)
+    assert used[True] and not used[False]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command and its files.
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_bundle, tmp_path_factory):
+    """One CLI run: (exit code, stdout, output folder, docs file)."""
+    tmp = tmp_path_factory.mktemp("quality")
+    docs = tmp / "benchmarks.md"
+    write_section(docs, "edit-costs:tiny", "Edit costs: tiny", "the cost table")
+    out = tmp / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(
+            ["bench", "quality", "--model", str(tiny_bundle), "--device", "cpu",
+             "--n", str(RUN["n"]), "--steps", str(RUN["steps"]), "--mode", "diffeditor",
+             "--ablations", ",".join(RUN["ablations"]), "--out", str(out), "--docs", str(docs)]
+        )  # fmt: skip
+    return code, stdout.getvalue(), out, docs
+
+
+def test_cli_prints_the_table_and_writes_sheet_json_and_docs_section(cli_run):
+    code, stdout, out, docs = cli_run
+    assert code == 0
+    labels = ["identity (input)", "exact (expected image)", "baseline (cut-paste + Telea)",
+              "diffeditor", "diffeditor − memory bank", "diffeditor − edit energy"]  # fmt: skip
+    for label in labels:
+        for edit in EDITS:
+            assert f"| {label} | {edit} | 2 |" in stdout
+    assert "[move 1/2] scene" in stdout and "[paste 2/2] scene" in stdout
+    for name in ("contact_sheet.png", "quality.md", "quality.json"):
+        assert (out / name).is_file()
+    summary = json.loads((out / "quality.json").read_text())
+    assert summary["status"] == "complete"
+    assert len(summary["results"]) == RUN["n"] * len(EDITS) * len(labels)
+    assert summary["command"].startswith("dragondiffusion bench quality --model ")
+    text = docs.read_text()
+    assert text.count("<!-- quality:") == 2 and "the cost table" in text
+    assert "## Quality: tiny" in text and "| identity (input) | move | 2 |" in text
+    from PIL import Image
+
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.width > 4 * 256 and sheet.height > 5 * 256
+
+
+def test_identity_row_has_an_exact_background(cli_run):
+    summary = json.loads((cli_run[2] / "quality.json").read_text())
+    for r in summary["results"]:
+        if r["variant"] in ("identity", "exact", "baseline"):
+            assert r["background_psnr"] == math.inf
+            assert r["background_ssim"] == pytest.approx(1, abs=1e-4)
+        if r["variant"] == "identity" and r["edit"] == "move":
+            assert r["ghost"] > 0.8
+
+
+def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
+    summary = json.loads((cli_run[2] / "quality.json").read_text())
+    again = quality.run(pipe, quality.Settings(model=str(tiny_bundle), **RUN), log=lambda _: None)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    first, second = strip(summary["results"]), strip(again.results)
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            same = a[key] == b[key] or (
+                isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key])
+            )
+            assert same, (a["edit"], a["case"], a["variant"], key, a[key], b[key])
+
+
+def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    base = ["bench", "quality", "--model", str(tiny_bundle), "--no-docs"]
+    assert main([*base, "--out", str(tmp_path)]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "new"), "--edits", "move,rotate"]) == 2
+    assert "rotate" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The small version on the trained embedded model (slow).
+
+EMBEDDED = {"n": 3, "steps": 50, "modes": ("diffeditor",), "ablations": ()}
+"""A few scenes per edit at the default steps; about 15 edits of the method."""
+MOVE_PLACEMENT_CELLS = 1.0
+"""Issue 6's target for move. Until the trained model is measured, the thresholds here are the
+issue's targets; then set each a little below (or above, for errors) the measured value."""
+BACKGROUND_PSNR_DB = 25.0
+"""Placeholder floor for the method's background PSNR (the baseline's is exact by construction:
+it leaves every pixel outside the places it cuts and pastes untouched)."""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (models.EMBEDDED_MODEL / "model_index.json").is_file(),
+    reason="no embedded demo model in src/dragondiffusion/demo_model yet",
+)
+def test_embedded_model_quality_small_version():
+    import dragondiffusion
+
+    embedded = dragondiffusion.load(device="cpu")
+    embedded.set_progress_bar_config(disable=True)
+    done = quality.run(embedded, quality.Settings(**EMBEDDED), log=lambda _: None)
+    rows = {(r["variant"], r["edit"]): r for r in report.summarise(done)}
+    method, naive = "diffeditor", "baseline (cut-paste + Telea)"
+    assert rows[(method, "move")]["place_cells"] <= MOVE_PLACEMENT_CELLS
+    for edit in ("move", "resize"):
+        assert rows[(method, edit)]["vacated_psnr"] > rows[(naive, edit)]["vacated_psnr"]
+    for edit in EDITS:
+        assert rows[(method, edit)]["background_psnr"] >= BACKGROUND_PSNR_DB, edit
