@@ -2,10 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from dragondiffusion.attention import BankMode
-from dragondiffusion.ddim import DDIMTimesteps
-from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
-
 
 def test_inversion_trajectory_and_bank(pipe, inversion):
     assert inversion.latents.shape == (11, 1, 4, 16, 24)  # 160×96 → 192×128 working size
@@ -21,19 +17,6 @@ def test_inversion_trajectory_and_bank(pipe, inversion):
     assert torch.equal(inversion.at_step(9), inversion.latents[1])
 
 
-def reconstruct(pipe, inv, start, mode):
-    n = inv.num_steps
-    cond, uncond = pipe.encode_text(inv.prompts[0])
-    plan = EditPlan("roundtrip", start, None, torch.zeros(1), mode, range(n), 1.0, 0.0, 0.0)
-    schedule = GuidanceSchedule("unguided", n, frozenset())
-    steps = DDIMTimesteps(pipe.scheduler, n)
-    sampler = Sampler(
-        pipe.unet, pipe.features, pipe.memory_bank, inv, plan, schedule, steps, cond, uncond,
-        Evaluations(),
-    )  # fmt: skip
-    return sampler.run()
-
-
 @pytest.mark.parametrize("steps,tolerance", [(10, 0.08), (50, 0.035)])
 def test_round_trip_with_bank_replace_reproduces_the_image_latent(pipe, steps, tolerance):
     """Sampling back from z_T (bank in replace mode, no guidance, no CFG) returns to z_0.
@@ -44,8 +27,8 @@ def test_round_trip_with_bank_replace_reproduces_the_image_latent(pipe, steps, t
     img = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
     inv = pipe.invert(img, "a red square", steps)
     z0 = inv.latents[0]
-    back = reconstruct(pipe, inv, inv.latents[-1], BankMode.REPLACE)
+    back = pipe.reconstruct(inv)
     rel = ((back - z0).norm() / z0.norm()).item()
     assert rel < tolerance
-    fresh = reconstruct(pipe, inv, torch.randn_like(z0), BankMode.REPLACE)
+    fresh = pipe.reconstruct(inv, start=torch.randn_like(z0))
     assert ((fresh - z0).norm() / z0.norm()).item() > 20 * rel

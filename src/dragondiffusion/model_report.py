@@ -31,14 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, scenes
-from .attention import BankMode
-from .ddim import DDIMTimesteps
 from .errors import InputError
 from .figures import annotate, contact_sheet
 from .geometry import Point, Size, mask_to_grid
-from .inversion import Inversion
 from .io import atomic_write
-from .sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
 
 SAMPLE_CAPTIONS = (
     "a red circle on a blue floor",
@@ -85,39 +81,6 @@ def vae_round_trip(pipe, image: PIL.Image.Image) -> PIL.Image.Image:
     return pipe.image_processor.postprocess(pipe.vae.decode(z).sample.float(), "pil")[0]
 
 
-def reconstruct(pipe, inversion: Inversion, bank: bool) -> torch.Tensor:
-    """z_0 (1, 4, h, w) sampled back from the inversion's z_T: deterministic DDIM, conditional
-    prompt, no CFG, no energy; with `bank` the decoder self-attention takes the recorded K/V at
-    every step (replace mode), as the edits do."""
-    n = inversion.num_steps
-    cond, uncond = pipe.encode_text(inversion.prompts[0])
-    z_T = inversion.latents[-1][:1]
-    plan = EditPlan(
-        edit="reconstruction",
-        z_init=z_T,
-        energy=None,
-        edit_mask=torch.zeros_like(z_T[:, :1]),
-        bank_mode=BankMode.REPLACE if bank else BankMode.OFF,
-        bank_steps=range(n),
-        guidance_scale=1.0,
-        energy_scale=0.0,
-        k=0.0,
-    )
-    sampler = Sampler(
-        unet=pipe.unet,
-        features=pipe.features,
-        bank=pipe.memory_bank,
-        inversion=inversion,
-        plan=plan,
-        schedule=GuidanceSchedule("unguided", n, frozenset()),
-        steps=DDIMTimesteps(pipe.scheduler, n),
-        cond=cond,
-        uncond=uncond,
-        counts=Evaluations(),
-    )
-    return sampler.run()
-
-
 def inversion_round_trip(
     pipe, image: PIL.Image.Image, prompt: str, steps: int = 50
 ) -> dict[str, PIL.Image.Image]:
@@ -126,7 +89,7 @@ def inversion_round_trip(
         image, prompt, steps, resolution=round(math.sqrt(math.prod(image.size)))
     )
     return {
-        mode: pipe.decode(reconstruct(pipe, inversion, bank=mode == "bank"))
+        mode: pipe.decode(pipe.reconstruct(inversion, bank=mode == "bank"))
         for mode in ("plain", "bank")
     }
 

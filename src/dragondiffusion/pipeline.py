@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors import SafetensorError
 
 from . import __version__
-from .attention import MemoryBank, install_memory_bank
+from .attention import BankMode, MemoryBank, install_memory_bank
 from .ddim import DDIMTimesteps
 from .edits import (
     AppearanceWeights,
@@ -327,6 +327,42 @@ class DragonPipeline(StableDiffusionPipeline):
             model=self.model_name,
             images=images,
         )
+
+    @torch.no_grad()
+    def reconstruct(
+        self, inversion: Inversion, bank: bool = True, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z_0 (1, 4, h, w) sampled back from the inversion's z_T (or `start`): deterministic
+        DDIM, the conditional prompt, no CFG, no energy. With `bank` the decoder self-attention
+        reads the recorded K/V at every step (replace mode), as the edits do outside the edit.
+        `pipe.decode(pipe.reconstruct(inv))` shows how faithfully an inversion can be edited."""
+        n = inversion.num_steps
+        cond, uncond = self.encode_text(inversion.prompts[0])
+        z_T = inversion.latents[-1][:1] if start is None else start
+        plan = EditPlan(
+            edit="reconstruction",
+            z_init=z_T,
+            energy=None,
+            edit_mask=torch.zeros_like(z_T[:, :1]),
+            bank_mode=BankMode.REPLACE if bank else BankMode.OFF,
+            bank_steps=range(n),
+            guidance_scale=1.0,
+            energy_scale=0.0,
+            k=0.0,
+        )
+        sampler = Sampler(
+            unet=self.unet,
+            features=self.features,
+            bank=self.memory_bank,
+            inversion=inversion,
+            plan=plan,
+            schedule=GuidanceSchedule("unguided", n, frozenset()),
+            steps=DDIMTimesteps(self.scheduler, n),
+            cond=cond,
+            uncond=uncond,
+            counts=Evaluations(),
+        )
+        return sampler.run()
 
     def prepare(
         self,
