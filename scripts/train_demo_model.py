@@ -499,6 +499,24 @@ def load_checkpoint(
     return metadata
 
 
+def compact_checkpoint(path: Path) -> int:
+    """Rewrite a checkpoint for committing: fp16 weights (and EMA) only, no Adam moments.
+
+    A resumed run then starts its Adam moments afresh (load_checkpoint skips missing ones); the
+    weights, EMA, step count and metadata carry over. Returns the new size in bytes.
+    """
+    tensors = load_file(str(path))
+    metadata = read_metadata(path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("adam_")}
+    metadata["adam_step"] = 0
+    partial = path.with_suffix(".partial")
+    raw = {k: json.dumps(v) for k, v in metadata.items() if k != "adam_step"}
+    raw["adam_step"] = str(metadata["adam_step"])
+    save_file(tensors, str(partial), metadata=raw)
+    os.replace(partial, path)
+    return path.stat().st_size
+
+
 def ema_weights(path: Path) -> dict[str, torch.Tensor]:
     """The EMA parameters (and the plain buffers) of the UNet-phase module in a checkpoint."""
     tensors = load_file(str(path))
@@ -844,10 +862,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--bundle", type=Path, help="export destination (default OUT/bundle)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every phase")
+    parser.add_argument(
+        "--compact",
+        nargs="+",
+        choices=PHASES[:3],
+        metavar="PHASE",
+        help="drop these phases' Adam moments from their checkpoints before committing them",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
         smoke(args.out)
+    elif args.compact:
+        for phase in args.compact:
+            size = compact_checkpoint(checkpoint_path(args.out, phase))
+            print(f"{checkpoint_path(args.out, phase)}: {size / 1e6:.1f} MB", flush=True)
     elif args.phase is None:
         parser.error("pass --phase vae|decoder|unet|export, or --smoke")
     else:

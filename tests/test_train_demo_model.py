@@ -181,3 +181,26 @@ def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path
         assert torch.equal(value.half(), source[f"model.{key}"]), key
     with pytest.raises(SystemExit, match="use --phase decoder"):
         train.run("vae", out, stop(), resume=True, bundle=None)
+
+
+def test_compact_checkpoint_drops_adam_and_still_resumes(train, tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    ema = [p.detach().clone() for p in module.parameters()]
+    path = tmp_path / "unet.safetensors"
+    train.save_checkpoint(path, module, optimizer, ema, {"step": 9, "elapsed_s": 2.0})
+    before = path.stat().st_size
+    after = train.compact_checkpoint(path)
+    assert after < before
+    assert not any(k.startswith("adam_") for k in train.load_file(str(path)))
+    restored = torch.nn.Linear(4, 3)
+    fresh = torch.optim.AdamW(restored.parameters())
+    meta = train.load_checkpoint(path, restored, fresh, [torch.zeros_like(e) for e in ema])
+    assert meta["step"] == 9 and meta["elapsed_s"] == 2.0 and not fresh.state
+    assert all(
+        torch.allclose(a, b, atol=1e-3)
+        for a, b in zip(module.parameters(), restored.parameters(), strict=True)
+    )
