@@ -248,6 +248,8 @@ def test_cli_image_prompt_options(tiny_bundle, adapter, tmp_path, scene, capsys)
     assert record["adapter"] == str(adapter) and record["scale"] == 0.2
     assert record["steps"] == [1] and record["image"] == "input"  # step 10 of 50 → 1 of 6
     assert main([*args, "--image-encoder", str(adapter.parent / "image_encoder")]) == 2
-    assert "give --ip-adapter as well" in capsys.readouterr().err
+    assert "--image-encoder is for the image prompt" in capsys.readouterr().err
+    assert main([*args, "--ip-scale", "0.3"]) == 2
+    assert "--ip-scale is for the image prompt" in capsys.readouterr().err
     assert main([*args, "--ip-adapter", str(tmp_path / "none.bin")]) == 2
     assert "does not exist" in capsys.readouterr().err

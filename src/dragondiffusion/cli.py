@@ -69,9 +69,7 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-encoder", help="CLIP image-encoder folder (default: image_encoder beside it)"
     )
-    p.add_argument(
-        "--ip-scale", type=float, default=0.1, help="image-prompt weight at its steps (0.1)"
-    )
+    p.add_argument("--ip-scale", type=float, help="image-prompt weight at its steps (default 0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output PNG (parameters stored in its metadata)")
 
@@ -202,7 +200,7 @@ def edit_options(args: argparse.Namespace) -> dict:
         "output_size": args.output_size,
         "sde_strength": args.sde_strength,
         "sde_strength_outside": args.sde_strength_outside,
-        "ip_scale": args.ip_scale,
+        **({} if args.ip_scale is None else {"ip_scale": args.ip_scale}),
     }
 
 
@@ -212,8 +210,9 @@ def run_edit(args: argparse.Namespace) -> None:
 
     inputs = [getattr(args, n, None) for n in ("image", "mask", "ref_image", "ref_mask")]
     out = check_output(args.out, [*inputs, getattr(args, "reference_region", None)])
-    if args.image_encoder and not args.ip_adapter:
-        raise InputError("--image-encoder is for the image prompt; give --ip-adapter as well")
+    for option, value in (("--image-encoder", args.image_encoder), ("--ip-scale", args.ip_scale)):
+        if value is not None and not args.ip_adapter:
+            raise InputError(f"{option} is for the image prompt; give --ip-adapter as well")
     pipe = load(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.ip_adapter:
