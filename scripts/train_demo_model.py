@@ -459,10 +459,17 @@ def save_checkpoint(
             tensors[f"adam_avg.{name}"] = state["exp_avg"].bfloat16()
             tensors[f"adam_sq.{name}"] = state["exp_avg_sq"].bfloat16()
             adam_step = int(state["step"])
-    metadata = {**{k: json.dumps(v) for k, v in metadata.items()}, "adam_step": str(adam_step)}
+    write_checkpoint(path, tensors, {**metadata, "adam_step": adam_step})
+
+
+def write_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
+    """Write tensors + JSON-encoded metadata next to `path`, then rename over it (atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    raw = {k: json.dumps(v) for k, v in metadata.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=raw)
     os.replace(partial, path)
 
 
@@ -505,15 +512,8 @@ def compact_checkpoint(path: Path) -> int:
     A resumed run then starts its Adam moments afresh (load_checkpoint skips missing ones); the
     weights, EMA, step count and metadata carry over. Returns the new size in bytes.
     """
-    tensors = load_file(str(path))
-    metadata = read_metadata(path)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("adam_")}
-    metadata["adam_step"] = 0
-    partial = path.with_suffix(".partial")
-    raw = {k: json.dumps(v) for k, v in metadata.items() if k != "adam_step"}
-    raw["adam_step"] = str(metadata["adam_step"])
-    save_file(tensors, str(partial), metadata=raw)
-    os.replace(partial, path)
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("adam_")}
+    write_checkpoint(path, tensors, {**read_metadata(path), "adam_step": 0})
     return path.stat().st_size
 
 
