@@ -140,11 +140,18 @@ def _changed(image: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return (image != expected).any(axis=2)
 
 
-def _move(rng: np.random.Generator, size: int, name: str, resize: bool) -> Case | None:
-    margin = margin_for(size)
+def _scene_with_object(
+    rng: np.random.Generator, size: int, margin: int
+) -> tuple[int, scenes.Scene, np.ndarray, list[np.ndarray], int | None]:
+    """A drawn scene, its rendering and masks, and an object fit to edit (None when none is)."""
     seed, scene = _draw_scene(rng, size)
     image, masks = scenes.render(scene)
-    index = _pick_object(rng, scene, masks, margin)
+    return seed, scene, image, masks, _pick_object(rng, scene, masks, margin)
+
+
+def _move(rng: np.random.Generator, size: int, name: str, resize: bool) -> Case | None:
+    margin = margin_for(size)
+    seed, scene, image, masks, index = _scene_with_object(rng, size, margin)
     if index is None:
         return None
     obj = scene.objects[index]
@@ -197,9 +204,7 @@ def _move(rng: np.random.Generator, size: int, name: str, resize: bool) -> Case 
 
 def _appearance(rng: np.random.Generator, size: int, name: str) -> Case | None:
     margin = margin_for(size)
-    seed, scene = _draw_scene(rng, size)
-    image, masks = scenes.render(scene)
-    index = _pick_object(rng, scene, masks, margin)
+    seed, scene, image, masks, index = _scene_with_object(rng, size, margin)
     reference_seed, other = _draw_scene(rng, size, n_objects=1)
     style = other.objects[0]
     if index is None or style.colour in _taken_colours(scene):
@@ -227,9 +232,7 @@ def _appearance(rng: np.random.Generator, size: int, name: str) -> Case | None:
 
 def _drag(rng: np.random.Generator, size: int, name: str) -> Case | None:
     margin = margin_for(size)
-    seed, scene = _draw_scene(rng, size)
-    image, masks = scenes.render(scene)
-    index = _pick_object(rng, scene, masks, margin)
+    seed, scene, image, masks, index = _scene_with_object(rng, size, margin)
     if index is None:
         return None
     shape = scene.objects[index].shape
