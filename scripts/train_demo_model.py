@@ -61,6 +61,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -83,7 +84,7 @@ HELD_OUT_PHOTOS = ("chelsea", "coffee")
 TRAIN_SEED_FLOOR = 2**32
 """Training scenes use seeds at or above this; smaller seeds are never seen in training."""
 PHASES = ("vae", "decoder", "unet", "export")
-STREAMS = ("vae", "unet", "scaling", "decoder")
+STREAMS = ("vae", "unet", "scaling", "decoder", "cache")
 """Independent random data streams: one per training phase, one for the latent scale."""
 MAX_BUNDLE_BYTES = 30_000_000
 IMAGE_SIZE = 128
@@ -98,6 +99,11 @@ class TrainConfig:
     vae_channels: tuple[int, ...] = (16, 32, 64, 128)
     vae_layers_per_block: int = 1
     vae_norm_groups: int = 8
+    latent_channels: int = 4
+    """Channels of the VAE latent (SD 1.x: 4); the UNet's in/out channels follow it."""
+    vae_crop: int = IMAGE_SIZE
+    """Side of the random crops the VAE trains on: smaller crops of the same images cost less
+    per step, and the fully convolutional VAE then runs at any size."""
     unet_channels: tuple[int, ...] = (64, 128, 128, 128)
     unet_layers_per_block: int = 1
     unet_norm_groups: int = 32
@@ -121,6 +127,9 @@ class TrainConfig:
     vae_photo_share: float = 0.25
     unet_photo_share: float = 0.1
     caption_dropout: float = 0.1
+    unet_cache: int = 0
+    """Training images (scenes and photo crops) whose VAE posteriors the unet phase encodes once
+    and then samples batches from; 0 renders and encodes every batch afresh."""
     ema_decay: float = 0.999
     scaling_samples: int = 64
     """Training images whose latent standard deviation sets the VAE's scaling_factor."""
@@ -227,13 +236,13 @@ def build_components(config: TrainConfig) -> dict[str, Any]:
         block_out_channels=config.vae_channels,
         layers_per_block=config.vae_layers_per_block,
         norm_num_groups=config.vae_norm_groups,
-        latent_channels=4,
+        latent_channels=config.latent_channels,
         sample_size=IMAGE_SIZE,
     )
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=config.unet_channels,
@@ -335,6 +344,18 @@ def training_batch(
     return to_tensor(images), captions
 
 
+def random_crops(images: torch.Tensor, side: int, rng: np.random.Generator) -> torch.Tensor:
+    """A `side`-pixel square from a random place of each image (B, 3, H, W)."""
+    height, width = images.shape[-2:]
+    if side >= min(height, width):
+        return images
+    crops = []
+    for image in images:
+        top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
+        crops.append(image[:, top : top + side, left : left + side])
+    return torch.stack(crops)
+
+
 def eval_batch(config: TrainConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Held-out scenes (seeds 0, 1, ...) with captions, and the held-out photos."""
     shown = [scenes.random_scene(seed, size=IMAGE_SIZE) for seed in range(config.eval_scenes)]
@@ -417,6 +438,63 @@ def encode_latents(
         return vae.encode(images).latent_dist.sample(generator) * scale
 
 
+@dataclass(frozen=True)
+class LatentCache:
+    """VAE posteriors (mean, std; fp16, unscaled) of a fixed set of training images."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    captions: list[str]
+
+    def batch(
+        self, rng: np.random.Generator, size: int, generator: torch.Generator, scale: float
+    ) -> tuple[torch.Tensor, list[str]]:
+        """`size` random entries: latents sampled from their posteriors and scaled, captions."""
+        index = torch.from_numpy(rng.integers(len(self.captions), size=size))
+        mean, std = self.mean[index].float(), self.std[index].float()
+        latents = mean + std * torch.randn(mean.shape, generator=generator)
+        return latents * scale, [self.captions[i] for i in index.tolist()]
+
+
+def latent_cache(
+    config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image], out: Path
+) -> LatentCache:
+    """The run's cache (out/cache/unet-latents.safetensors), encoded and written if absent.
+
+    It holds `config.unet_cache` images of the unet data stream's kind (scenes and photo crops)
+    and depends only on the config and the frozen encoder, so it is not committed: a new machine
+    rebuilds it (about 30 ms per image on one core)."""
+    path = out / "cache" / "unet-latents.safetensors"
+    if path.exists():
+        with safe_open(path, "pt") as handle:
+            captions = json.loads(handle.metadata()["captions"])
+        tensors = load_file(path)
+        return LatentCache(tensors["mean"], tensors["std"], captions)
+    means, stds, captions = [], [], []
+    chunk, started = 64, time.perf_counter()
+    for first in range(0, config.unet_cache, chunk):
+        rng = batch_rng(config, "cache", first)
+        size = min(chunk, config.unet_cache - first)
+        images, texts = training_batch(rng, size, config.unet_photo_share, photos)
+        with torch.no_grad():
+            posterior = vae.encode(images).latent_dist
+        means.append(posterior.mean.half())
+        stds.append(posterior.std.half())
+        captions += texts
+        if (first // chunk) % 20 == 0:
+            done = first + size
+            print(
+                f"cache: {done}/{config.unet_cache} images, {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
+    partial = path.with_suffix(".partial")
+    save_file(tensors, partial, metadata={"captions": json.dumps(captions)})
+    partial.replace(path)
+    return LatentCache(tensors["mean"], tensors["std"], captions)
+
+
 def drop_captions(captions: list[str], rng: np.random.Generator, rate: float) -> list[str]:
     """Captions with each replaced by "" with probability `rate` (for classifier-free guidance)."""
     return ["" if rng.random() < rate else c for c in captions]
@@ -474,8 +552,6 @@ def write_checkpoint(
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         raw = f.metadata()
     return {k: json.loads(v) for k, v in raw.items()}
@@ -670,6 +746,7 @@ def vae_phase(config: TrainConfig, parts: dict[str, Any], stream: str = "vae") -
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = batch_rng(config, stream, step)
         images, _ = training_batch(rng, config.vae_batch, config.vae_photo_share, photos)
+        images = random_crops(images, config.vae_crop, rng)
         return vae_loss(vae, images, torch.Generator().manual_seed(step), config)
 
     def evaluate() -> dict[str, float]:
@@ -729,12 +806,18 @@ def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path) -> Phase:
     eval_latents = encode_latents(vae, eval_images, torch.Generator().manual_seed(0), scale)
     eval_steps = torch.linspace(50, 950, len(eval_latents)).long()
 
+    cache = latent_cache(config, vae, photos, out) if config.unet_cache else None
+
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = batch_rng(config, "unet", step)
-        images, captions = training_batch(rng, config.unet_batch, config.unet_photo_share, photos)
-        captions = drop_captions(captions, rng, config.caption_dropout)
         generator = torch.Generator().manual_seed(step)
-        latents = encode_latents(vae, images, generator, scale)
+        if cache is not None:
+            latents, captions = cache.batch(rng, config.unet_batch, generator, scale)
+        else:
+            size, share = config.unet_batch, config.unet_photo_share
+            images, captions = training_batch(rng, size, share, photos)
+            latents = encode_latents(vae, images, generator, scale)
+        captions = drop_captions(captions, rng, config.caption_dropout)
         return denoising_loss(model, latents, captions, generator), {}
 
     def evaluate() -> dict[str, float]:

@@ -169,3 +169,18 @@ def test_object_smaller_than_a_latent_cell_is_a_clear_error_not_a_silent_no_op(p
 def test_bad_options_are_clear_errors_before_any_work(pipe, scene, kwargs, match):
     with pytest.raises(InputError, match=match):
         pipe.move(scene[0], scene[1], (35, 45), (100, 45), **kwargs)
+
+
+def test_models_with_more_latent_channels_edit_end_to_end(tmp_path, scene):
+    """The embedded model's VAE has 8 latent channels (SD 1.x: 4): nothing may assume 4."""
+    import dragondiffusion
+    from dragondiffusion.testing import build_tiny_bundle
+
+    pipe8 = dragondiffusion.load(build_tiny_bundle(tmp_path / "eight", latent_channels=8))
+    pipe8.set_progress_bar_config(disable=True)
+    img, mask = scene
+    inversion = pipe8.invert(img, "a red square", num_inference_steps=4)
+    assert inversion.latents.shape[2] == 8
+    result = pipe8.move(inversion, mask, (35, 45), (100, 45), num_inference_steps=4, seed=0)
+    assert result.image.size == (160, 96)
+    assert result.record["evaluations"]["backward"] > 0

@@ -204,3 +204,51 @@ def test_compact_checkpoint_drops_adam_and_still_resumes(train, tmp_path):
         torch.allclose(a, b, atol=1e-3)
         for a, b in zip(module.parameters(), restored.parameters(), strict=True)
     )
+
+
+def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
+    """The VAE may train on crops; the unet phase may sample from posteriors encoded once."""
+    import dataclasses
+
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    crops = train.random_crops(images, 4, np.random.default_rng(0))
+    assert crops.shape == (2, 3, 4, 4)
+    for crop, image in zip(crops, images, strict=True):
+        top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
+        assert torch.equal(crop, image[:, top : top + 4, left : left + 4])
+    assert train.random_crops(images, 8, np.random.default_rng(0)) is images
+
+    tiny = dict(
+        vae_channels=(8, 8, 8, 8),
+        unet_channels=(32, 32, 32, 32),
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=32,
+        latent_channels=8,
+        vae_crop=64,
+        unet_cache=5,
+    )
+    config = dataclasses.replace(train.TrainConfig(), **train.SMOKE, **tiny)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(config.to_json())
+    stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
+    train.run("vae", out, stop(), resume=False, bundle=None)
+    train.run("unet", out, stop(), resume=False, bundle=None)
+    path = out / "cache" / "unet-latents.safetensors"
+    vae = train.load_frozen_vae(out, train.build_components(config)["vae"])
+    cache = train.latent_cache(config, vae, [], out)  # read back from the file
+    assert cache.mean.shape == cache.std.shape == (5, 8, 16, 16) and len(cache.captions) == 5
+    assert cache.mean.dtype == torch.float16 and path.exists()
+    # The cached posteriors are the frozen encoder's on the cache stream's images.
+    rng = train.batch_rng(config, "cache", 0)
+    first, captions = train.training_batch(rng, 5, config.unet_photo_share, [])
+    with torch.no_grad():
+        expected = vae.encode(first).latent_dist.mean
+    assert captions == cache.captions
+    torch.testing.assert_close(cache.mean.float(), expected, atol=2e-3, rtol=2e-3)
+    latents, texts = cache.batch(np.random.default_rng(1), 3, torch.Generator().manual_seed(0), 2.0)
+    again, _ = cache.batch(np.random.default_rng(1), 3, torch.Generator().manual_seed(0), 2.0)
+    assert latents.shape == (3, 8, 16, 16) and torch.equal(latents, again)
+    assert set(texts) <= set(cache.captions)

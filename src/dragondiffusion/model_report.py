@@ -182,7 +182,8 @@ def correspondence_errors(
     cells) of every cell that is object in both images, with its true match inside the image.
     """
     side = scene.size // pipe.vae_scale_factor
-    noises = torch.randn((2, 1, 4, side, side), generator=torch.Generator().manual_seed(seed))
+    shape = (2, 1, pipe.unet.config.in_channels, side, side)
+    noises = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     prompt = scenes.caption(scene)
     image, masks = scenes.render(scene)
     first = decoder_features(pipe, image, prompt, timestep, noises[0])

@@ -50,15 +50,18 @@ def write_char_tokenizer(path: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionPipeline:
-    """A random SD-1.x-structured pipeline: 8x VAE, `sample_size`² latents, 32-dim text encoder."""
+def build_tiny_pipeline(
+    seed: int = 0, sample_size: int = 16, latent_channels: int = 4
+) -> StableDiffusionPipeline:
+    """A random SD-1.x-structured pipeline: 8x VAE, `sample_size`² latents with
+    `latent_channels` channels (SD 1.x: 4), 32-dim text encoder."""
     import tempfile
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=(
             "CrossAttnDownBlock2D",
             "CrossAttnDownBlock2D",
@@ -90,7 +93,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusion
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         norm_num_groups=8,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=sample_size * 8,
         # Random VAE posteriors are small; this gives latents of about unit std, like SD's 0.18215.
         scaling_factor=4.0,
@@ -122,10 +125,13 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusion
     )
 
 
-def build_tiny_bundle(path: str | Path, seed: int = 0, sample_size: int = 16) -> Path:
+def build_tiny_bundle(
+    path: str | Path, seed: int = 0, sample_size: int = 16, latent_channels: int = 4
+) -> Path:
     """Save a tiny random SD-1.x bundle to `path` (diffusers layout, safetensors) and return it."""
     path = Path(path)
-    build_tiny_pipeline(seed, sample_size).save_pretrained(path, safe_serialization=True)
+    pipe = build_tiny_pipeline(seed, sample_size, latent_channels)
+    pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 
