@@ -26,7 +26,12 @@ from dragondiffusion.model_report import dilate, masked_psnr, psnr
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 FLAT = scenes.Background("gradient", "grey", "grey", 0.0, 0.5, 0, False)
 GREY, RED = (140, 140, 140), (214, 39, 40)
-RUN = {"n": 2, "steps": 2, "modes": ("diffeditor",), "ablations": ("no-bank", "no-edit")}
+RUN = {
+    "n": 2,
+    "steps": 2,
+    "modes": ("diffeditor",),
+    "ablations": ("no-bank", "no-edit", "keep-background"),
+}
 """The small run of the CLI test and the determinism test (5 edits × 2 scenes × 6 variants)."""
 
 
@@ -293,6 +298,8 @@ def test_variants_are_identity_exact_baseline_modes_then_ablations():
     assert dict(by_name["no-content"].weights) == {"w_content": 0}
     assert dict(by_name["no-edit"].weights) == {"w_edit": 0}
     assert by_name["fewer-steps"].steps == 12 and by_name["dragon"].steps == 30
+    assert by_name["keep-background"].keep_background and by_name["keep-background"].steps == 30
+    assert not any(by_name[n].keep_background for n in ("diffeditor", "dragon", "no-bank"))
     assert "--fewer-steps 12" in settings.command()
     assert "baseline" not in [v.name for v in quality.Settings(baseline=False).variants()]
 
@@ -337,7 +344,8 @@ def test_cli_prints_the_table_and_writes_sheet_json_and_docs_section(cli_run):
     code, stdout, out, docs = cli_run
     assert code == 0
     labels = ["identity (input)", "exact (expected image)", "baseline (cut-paste + Telea)",
-              "diffeditor", "diffeditor − memory bank", "diffeditor − edit energy"]  # fmt: skip
+              "diffeditor", "diffeditor − memory bank", "diffeditor − edit energy",
+              "diffeditor + keep background"]  # fmt: skip
     for label in labels:
         for edit in EDITS:
             assert f"| {label} | {edit} | 2 |" in stdout
@@ -365,6 +373,17 @@ def test_identity_row_has_an_exact_background(cli_run):
             assert r["background_ssim"] == pytest.approx(1, abs=1e-4)
         if r["variant"] == "identity" and r["edit"] == "move":
             assert r["ghost"] > 0.8
+
+
+def test_keep_background_restores_the_background_the_method_blurs(cli_run):
+    """The tiny model's random VAE ruins every pixel; keep-background puts the input back
+    everywhere but near the edit, so its background is much closer to the truth."""
+    summary = json.loads((cli_run[2] / "quality.json").read_text())
+    by = {(r["edit"], r["case"], r["variant"]): r for r in summary["results"]}
+    for (edit, case, variant), row in by.items():
+        if variant == "keep-background":
+            plain = by[(edit, case, "diffeditor")]["background_psnr"]
+            assert row["background_psnr"] > plain + 10, (edit, case)
 
 
 def test_results_are_deterministic(cli_run, pipe, tiny_bundle):

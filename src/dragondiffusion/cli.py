@@ -63,6 +63,11 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
         help="write the result at the input's size (default) or at the working size",
     )
     p.add_argument(
+        "--keep-background",
+        action="store_true",
+        help="keep the input's own pixels outside the edited region (feathered seam)",
+    )
+    p.add_argument(
         "--ip-adapter",
         help="IP-Adapter checkpoint (.safetensors/.bin) for DiffEditor's image prompt (optional)",
     )
@@ -200,6 +205,7 @@ def edit_options(args: argparse.Namespace) -> dict:
         "output_size": args.output_size,
         "sde_strength": args.sde_strength,
         "sde_strength_outside": args.sde_strength_outside,
+        "keep_background": args.keep_background,
         **({} if args.ip_scale is None else {"ip_scale": args.ip_scale}),
     }
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
+from .composite import keep_background
 from .ddim import DDIMTimesteps
 from .edits import (
     AppearanceWeights,
@@ -64,6 +65,9 @@ class EditOptions:
     ip_scale: float = 0.1
     memory_bank: bool = True
     """False: plain self-attention at every step, the bank unread (an ablation)."""
+    keep_background: bool = False
+    """True: the input's own pixels outside the edit's region (see `composite`), so the rest of
+    the image does not pass through the VAE; False: the method's whole re-synthesised image."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -431,6 +435,8 @@ class DragonPipeline(StableDiffusionPipeline):
         image = self.decode(z)
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
+        if options.keep_background and plan.sde_mask is not None:
+            image = keep_background(image, inversion.images[0], plan.sde_mask)
         record = {
             "dragondiffusion": __version__,
             "edit": plan.edit,
@@ -457,6 +463,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "working_size": list(inversion.working_size),
             "input_sizes": [list(s) for s in inversion.input_sizes],
             "output_size": list(image.size),
+            "keep_background": options.keep_background,
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
             "image_prompt": self.image_prompt_record(inversion, schedule, options),

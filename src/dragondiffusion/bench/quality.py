@@ -96,6 +96,7 @@ class Variant:
     steps: int | None = None
     memory_bank: bool = True
     weights: tuple[tuple[str, float], ...] = ()
+    keep_background: bool = False
 
 
 IDENTITY = Variant("identity", "identity (input)")
@@ -113,6 +114,8 @@ def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
         return Variant(name, f"{mode} − edit energy", mode, steps, weights=(("w_edit", 0),))
     if name == "fewer-steps":
         return Variant(name, f"{mode}, {fewer_steps} steps", mode, fewer_steps)
+    if name == "keep-background":
+        return Variant(name, f"{mode} + keep background", mode, steps, keep_background=True)
     raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
 
 
@@ -234,7 +237,11 @@ def produce(
         return case.expected
     if variant is BASELINE:
         return baseline(case.example.edit, case.example.arguments, cell_px)
-    options: dict[str, Any] = {"mode": variant.mode, "memory_bank": variant.memory_bank}
+    options: dict[str, Any] = {
+        "mode": variant.mode,
+        "memory_bank": variant.memory_bank,
+        "keep_background": variant.keep_background,
+    }
     if variant.weights:
         options["weights"] = replace(WEIGHTS[case.example.edit](), **dict(variant.weights))
     steps = variant.steps
