@@ -64,7 +64,8 @@ def test_components_have_sd_structure_and_fit_the_budget(train, components):
     ]
     assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
-    assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == 4
+    assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == 16
+    assert unet.config.in_channels == unet.config.out_channels == 16
     assert text_encoder.config.vocab_size == len(components["tokenizer"])
     scheduler = components["scheduler"].config
     assert (scheduler.beta_start, scheduler.beta_end) == (0.00085, 0.012)
@@ -76,7 +77,7 @@ def test_components_have_sd_structure_and_fit_the_budget(train, components):
 def test_vae_maps_128_pixels_to_16_latents(components):
     with torch.no_grad():
         latents = components["vae"].encode(torch.zeros(1, 3, 128, 128)).latent_dist.mode()
-    assert latents.shape == (1, 4, 16, 16)
+    assert latents.shape == (1, 16, 16, 16)
 
 
 def test_training_batches_depend_only_on_seed_and_step(train):
@@ -229,7 +230,7 @@ def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
         vae_crop=64,
         unet_cache=5,
     )
-    config = dataclasses.replace(train.TrainConfig(), **train.SMOKE, **tiny)
+    config = dataclasses.replace(train.TrainConfig(), **{**train.SMOKE, **tiny})
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(config.to_json())
