@@ -247,10 +247,13 @@ def test_photo_move_rejects_bad_input(pipe, coffee):
         measure(pipe, {"noise": noise_photo()}, log=lambda _: None)
 
 
-def test_photo_move_figure_has_one_row_of_two_cells(coffee):
+def test_photo_move_figure_has_one_row_of_two_cells_of_the_photos_shape(coffee):
     figure = photo_move_figure(coffee, coffee, COFFEE_MOVE, cell=200)
-    label_width = 110
-    assert figure.size == (GAP + label_width + GAP + 2 * (200 + GAP), header_height() + 200 + GAP)
+    label_width, high = 110, round(200 * coffee.height / coffee.width)  # 600×400 → 200×133
+    assert figure.size == (GAP + label_width + GAP + 2 * (200 + GAP), header_height() + high + GAP)
+    # The photo fills its cell: no white margin above or below it.
+    column = np.asarray(figure)[header_height() : header_height() + high, GAP + label_width + 100]
+    assert (column != 255).any(axis=-1).mean() > 0.95
 
 
 def test_photo_move_section_reports_the_numbers():

@@ -27,12 +27,12 @@ def font(size: int = 14) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def fit(image: Image.Image, cell: int) -> Image.Image:
-    """The image scaled to fit a cell × cell square, keeping its aspect ratio.
+def fit(image: Image.Image, cell: int, height: int | None = None) -> Image.Image:
+    """The image scaled to fit a cell × height box (default: a square), keeping its aspect ratio.
 
     Integer enlargements use nearest-neighbour, so small images stay crisp pixel for pixel.
     """
-    k = cell / max(image.size)
+    k = min(cell / image.width, (cell if height is None else height) / image.height)
     size = (max(1, round(image.width * k)), max(1, round(image.height * k)))
     crisp = k >= 1 and k == int(k)
     resample = Image.Resampling.NEAREST if crisp else Image.Resampling.LANCZOS
@@ -116,20 +116,22 @@ def contact_sheet(
     cell: int = 256,
     label_width: int = 200,
     title: str | None = None,
+    cell_height: int | None = None,
 ) -> Image.Image:
     """A white sheet: a header of column labels, then one row per entry of `rows`.
 
     Each row starts with its (wrapped) label and holds one image per column, fitted to a
-    cell × cell square and centred; None leaves a cell empty. The sheet is
-    header_height(title is not None) + len(rows)·(cell + GAP) pixels high.
+    cell × cell_height box (default square) and centred; None leaves a cell empty. The sheet is
+    header_height(title is not None) + len(rows)·(cell_height + GAP) pixels high.
     """
+    high = cell if cell_height is None else cell_height
     if len(rows) != len(row_labels):
         raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
     columns = len(column_labels)
     face = font(14)
     line, top = _line_height(face), header_height(title is not None)
     width = GAP + label_width + GAP + columns * (cell + GAP)
-    sheet = Image.new("RGB", (width, top + len(rows) * (cell + GAP)), BACKGROUND)
+    sheet = Image.new("RGB", (width, top + len(rows) * (high + GAP)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((GAP, GAP), title, fill=TEXT, font=font(18))
@@ -139,13 +141,13 @@ def contact_sheet(
     for r, (images, label) in enumerate(zip(rows, row_labels, strict=True)):
         if len(images) != columns:
             raise ValueError(f"row {r} has {len(images)} images for {columns} columns")
-        y = top + r * (cell + GAP)
+        y = top + r * (high + GAP)
         for n, text in enumerate(_text_block(label, label_width, face)):
             draw.text((GAP, y + n * line), text, fill=TEXT, font=face)
         for c, image in enumerate(images):
             if image is None:
                 continue
-            shown = fit(image, cell)
+            shown = fit(image, cell, high)
             x = x0 + c * (cell + GAP) + (cell - shown.width) // 2
-            sheet.paste(shown, (x, y + (cell - shown.height) // 2))
+            sheet.paste(shown, (x, y + (high - shown.height) // 2))
     return sheet

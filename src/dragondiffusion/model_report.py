@@ -449,6 +449,7 @@ def photo_move_figure(
         [f"input: object, move {dx:+.0f}, {dy:+.0f} px", "output, at the photo's own size"],
         cell=cell,
         label_width=110,
+        cell_height=round(cell * photo.height / photo.width),
     )
 
 
