@@ -152,8 +152,8 @@ def test_smoke_run_writes_a_loadable_bundle(train, tmp_path):
     assert [r["phase"] for r in runs] == ["vae", "decoder", "unet"]
 
 
-def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path):
-    """The decoder phase may run beside the unet phase only if it never touches the encoder."""
+def tiny_run(train, tmp_path, **settings):
+    """(config, run folder) of a run at batch 2 with tiny widths, plus `settings`."""
     import dataclasses
 
     tiny = dict(
@@ -164,10 +164,16 @@ def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path
         text_heads=2,
         text_intermediate=32,
     )
-    config = dataclasses.replace(train.TrainConfig(), **train.SMOKE, **tiny)
+    config = dataclasses.replace(train.TrainConfig(), **{**train.SMOKE, **tiny, **settings})
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(config.to_json())
+    return config, out
+
+
+def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path):
+    """The decoder phase may run beside the unet phase only if it never touches the encoder."""
+    config, out = tiny_run(train, tmp_path)
     stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
     train.run("vae", out, stop(), resume=False, bundle=None)
     vae_weights = train.load_file(str(train.checkpoint_path(out, "vae")))
@@ -209,7 +215,6 @@ def test_compact_checkpoint_drops_adam_and_still_resumes(train, tmp_path):
 
 def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
     """The VAE may train on crops; the unet phase may sample from posteriors encoded once."""
-    import dataclasses
 
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     crops = train.random_crops(images, 4, np.random.default_rng(0))
@@ -219,21 +224,7 @@ def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
         assert torch.equal(crop, image[:, top : top + 4, left : left + 4])
     assert train.random_crops(images, 8, np.random.default_rng(0)) is images
 
-    tiny = dict(
-        vae_channels=(8, 8, 8, 8),
-        unet_channels=(32, 32, 32, 32),
-        text_hidden=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate=32,
-        latent_channels=8,
-        vae_crop=64,
-        unet_cache=5,
-    )
-    config = dataclasses.replace(train.TrainConfig(), **{**train.SMOKE, **tiny})
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text(config.to_json())
+    config, out = tiny_run(train, tmp_path, latent_channels=8, vae_crop=64, unet_cache=5)
     stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
     train.run("vae", out, stop(), resume=False, bundle=None)
     train.run("unet", out, stop(), resume=False, bundle=None)
