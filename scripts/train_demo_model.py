@@ -23,9 +23,14 @@ On a 2-core machine, in the background, with one thread so the other core stays 
       >> training/demo-model/train.out 2>&1 &
 
 Repeat with --resume until the logged PSNR stops improving, then the same for --phase unet,
-then --phase export. On two cores, once the encoder is good enough, `--phase decoder` and
-`--phase unet` can run side by side (one thread each); after that the vae phase refuses to
-resume, because it would change the encoder under the UNet.
+then --phase export. On two cores the VAE and the UNet can train side by side (one thread each):
+the UNet learns the latents of the VAE checkpoint as it was when the unet phase started. When
+the vae phase has moved the encoder on since, the unet phase and export refuse until the UNet
+is rebased, `--phase unet --resume --rebase` (same weights; the latents' scale is measured again
+and the latent cache re-encoded), which adapts it far faster than training anew. Alternatively
+`--phase decoder` fine-tunes the decoder alone (encoder frozen, as SD's fine-tuned VAE decoders)
+beside the UNet; while its checkpoint exists the vae phase refuses (it would pair that decoder
+with a changed encoder).
 
 Everything lands in --out (default training/demo-model): config.json (the settings), run.json
 (every run with its duration and speed), {phase}_log.jsonl (losses), checkpoints/{phase}.safetensors
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -460,9 +466,10 @@ class LatentCache:
 
 
 def latent_cache(
-    config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image], out: Path
+    config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image], out: Path, encoder: str
 ) -> LatentCache:
-    """The run's cache (out/cache/unet-latents.safetensors), encoded and written if absent.
+    """The run's cache (out/cache/unet-latents.safetensors), encoded and written if absent or
+    made by another encoder (`encoder`: its `encoder_fingerprint`).
 
     It holds `config.unet_cache` images of the unet data stream's kind (scenes and photo crops)
     and depends only on the config and the frozen encoder, so it is not committed: a new machine
@@ -470,9 +477,11 @@ def latent_cache(
     path = out / "cache" / "unet-latents.safetensors"
     if path.exists():
         with safe_open(path, "pt") as handle:
-            captions = json.loads(handle.metadata()["captions"])
-        tensors = load_file(path)
-        return LatentCache(tensors["mean"], tensors["std"], captions)
+            metadata = handle.metadata()
+        if metadata.get("encoder") == encoder:
+            tensors = load_file(path)
+            return LatentCache(tensors["mean"], tensors["std"], json.loads(metadata["captions"]))
+        print("cache: made by another encoder; encoding it again", flush=True)
     means, stds, captions = [], [], []
     chunk, started = 64, time.perf_counter()
     for first in range(0, config.unet_cache, chunk):
@@ -493,7 +502,7 @@ def latent_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
     partial = path.with_suffix(".partial")
-    save_file(tensors, partial, metadata={"captions": json.dumps(captions)})
+    save_file(tensors, partial, metadata={"captions": json.dumps(captions), "encoder": encoder})
     partial.replace(path)
     return LatentCache(tensors["mean"], tensors["std"], captions)
 
@@ -794,12 +803,43 @@ def latent_scale(config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Ima
     return 1.0 / latents.std().item()
 
 
-def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path) -> Phase:
+def encoder_fingerprint(out: Path) -> str:
+    """A short hash of the vae checkpoint's encoder weights: which latents a UNet learned. The
+    unet checkpoint and the latent cache record it, so a changed encoder is noticed."""
+    tensors = load_file(checkpoint_path(out, "vae"))
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        if key.startswith(("model.encoder.", "model.quant_conv.")):
+            digest.update(key.encode())
+            digest.update(tensors[key].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def require_same_encoder(out: Path) -> None:
+    """Refuse when the UNet checkpoint learned another encoder's latents than the VAE's now."""
+    path = checkpoint_path(out, "unet")
+    trained_on = read_metadata(path).get("encoder") if path.exists() else None
+    if trained_on is not None and trained_on != encoder_fingerprint(out):
+        raise SystemExit(
+            "the VAE's encoder changed since the UNet last trained (the vae phase ran again); "
+            "continue the UNet on the new latents first: --phase unet --resume --rebase"
+        )
+
+
+def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bool) -> Phase:
+    """The UNet and text encoder on the frozen VAE's latents.
+
+    rebase: the encoder changed since the UNet's checkpoint (the vae phase ran on): keep the
+    UNet's weights, measure the latents' scale again and re-encode the cache, and train on."""
     vae = load_frozen_vae(out, parts["vae"])
     photos = load_photos(TRAIN_PHOTOS)
     previous = checkpoint_path(out, "unet")
-    # The scale is fixed when the phase starts: the UNet learns latents at that scale.
-    if previous.exists():
+    encoder = encoder_fingerprint(out)
+    if not rebase:
+        require_same_encoder(out)
+    # The scale is fixed when the phase starts, and again at a rebase: the UNet learns latents
+    # at that scale.
+    if previous.exists() and not rebase:
         scale = read_metadata(previous)["scaling_factor"]
     else:
         scale = latent_scale(config, vae, photos)
@@ -809,7 +849,7 @@ def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path) -> Phase:
     eval_latents = encode_latents(vae, eval_images, torch.Generator().manual_seed(0), scale)
     eval_steps = torch.linspace(50, 950, len(eval_latents)).long()
 
-    cache = latent_cache(config, vae, photos, out) if config.unet_cache else None
+    cache = latent_cache(config, vae, photos, out, encoder) if config.unet_cache else None
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = batch_rng(config, "unet", step)
@@ -829,7 +869,7 @@ def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path) -> Phase:
             loss = denoising_loss(model, eval_latents, eval_captions, generator, eval_steps)
         return {"loss": loss.item()}
 
-    metadata = {"scaling_factor": scale}
+    metadata = {"scaling_factor": scale, "encoder": encoder}
     return Phase("unet", module, config.unet_lr, step_loss, evaluate, True, metadata)
 
 
@@ -840,6 +880,7 @@ def export_bundle(config: TrainConfig, out: Path, bundle: Path) -> Path:
     path = checkpoint_path(out, "unet")
     if not path.exists():
         raise SystemExit(f"no UNet checkpoint at {path}; run --phase unet first")
+    require_same_encoder(out)
     module = torch.nn.ModuleDict({"unet": parts["unet"], "text_encoder": parts["text_encoder"]})
     module.load_state_dict({k: to_float32(v) for k, v in ema_weights(path).items()})
     vae.register_to_config(scaling_factor=read_metadata(path)["scaling_factor"])
@@ -898,24 +939,36 @@ def load_config(out: Path, smoke: bool) -> TrainConfig:
     return config
 
 
-def run(phase: str, out: Path, stop: StopRule, resume: bool, bundle: Path | None) -> None:
+def run(
+    phase: str,
+    out: Path,
+    stop: StopRule,
+    resume: bool,
+    bundle: Path | None,
+    rebase: bool = False,
+) -> None:
     config = load_config(out, smoke=False)
     if phase == "export":
         export_bundle(config, out, bundle or out / "bundle")
         return
     parts = build_components(config)
+    if rebase and phase != "unet":
+        raise SystemExit("--rebase belongs to --phase unet")
     if phase == "vae":
-        later = [p for p in ("decoder", "unet") if checkpoint_path(out, p).exists()]
-        if later:
+        if checkpoint_path(out, "decoder").exists():
             raise SystemExit(
-                f"the {' and '.join(later)} phase has started on this VAE's encoder; training "
-                "the whole VAE again would change its latents: use --phase decoder instead"
+                "the decoder phase has fine-tuned this VAE's decoder for its current encoder; "
+                "to train the whole VAE again, move checkpoints/decoder.safetensors away (the "
+                "vae phase trains its own decoder) and afterwards continue the UNet with "
+                "--phase unet --resume --rebase"
             )
+        if checkpoint_path(out, "unet").exists():
+            print("vae: the UNet will need --rebase after this (its latents change)", flush=True)
         spec = vae_phase(config, parts)
     elif phase == "decoder":
         spec = decoder_phase(config, parts, out)
     else:
-        spec = unet_phase(config, parts, out)
+        spec = unet_phase(config, parts, out, rebase)
     counts = {k: parameter_count(parts[k]) for k in ("vae", "unet", "text_encoder")}
     batch = config.unet_batch if phase == "unet" else config.vae_batch
     print(f"{phase}: parameters {counts}, batch {batch}", flush=True)
@@ -949,6 +1002,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", type=Path, help="export destination (default OUT/bundle)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every phase")
     parser.add_argument(
+        "--rebase",
+        action="store_true",
+        help="unet phase: the VAE's encoder changed; rescale, re-encode the cache, train on",
+    )
+    parser.add_argument(
         "--compact",
         nargs="+",
         choices=PHASES[:3],
@@ -966,7 +1024,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase is None:
         parser.error("pass --phase vae|decoder|unet|export, or --smoke")
     else:
-        run(args.phase, args.out, StopRule(args.minutes, args.steps), args.resume, args.bundle)
+        stop = StopRule(args.minutes, args.steps)
+        run(args.phase, args.out, stop, args.resume, args.bundle, args.rebase)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path
     for key, value in vae.state_dict().items():
         source = decoder_weights if f"model.{key}" in names else vae_weights
         assert torch.equal(value.half(), source[f"model.{key}"]), key
-    with pytest.raises(SystemExit, match="use --phase decoder"):
+    with pytest.raises(SystemExit, match="move checkpoints/decoder.safetensors away"):
         train.run("vae", out, stop(), resume=True, bundle=None)
 
 
@@ -230,7 +230,8 @@ def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
     train.run("unet", out, stop(), resume=False, bundle=None)
     path = out / "cache" / "unet-latents.safetensors"
     vae = train.load_frozen_vae(out, train.build_components(config)["vae"])
-    cache = train.latent_cache(config, vae, [], out)  # read back from the file
+    encoder = train.encoder_fingerprint(out)
+    cache = train.latent_cache(config, vae, [], out, encoder)  # read back from the file
     assert cache.mean.shape == cache.std.shape == (5, 8, 16, 16) and len(cache.captions) == 5
     assert cache.mean.dtype == torch.float16 and path.exists()
     # The cached posteriors are the frozen encoder's on the cache stream's images.
@@ -244,3 +245,34 @@ def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
     again, _ = cache.batch(np.random.default_rng(1), 3, torch.Generator().manual_seed(0), 2.0)
     assert latents.shape == (3, 8, 16, 16) and torch.equal(latents, again)
     assert set(texts) <= set(cache.captions)
+
+
+def test_vae_can_move_on_under_the_unet_which_must_then_be_rebased(train, tmp_path):
+    config, out = tiny_run(train, tmp_path, unet_cache=4)
+    stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
+    train.run("vae", out, stop(), resume=False, bundle=None)
+    train.run("unet", out, stop(), resume=False, bundle=None)
+    unet_path = train.checkpoint_path(out, "unet")
+    first = train.read_metadata(unet_path)
+    assert first["encoder"] == train.encoder_fingerprint(out)
+    # The VAE trains on under the UNet: its encoder (and so the latents) change.
+    train.run("vae", out, train.StopRule(minutes=None, max_steps=4), resume=True, bundle=None)
+    assert train.encoder_fingerprint(out) != first["encoder"]
+    for phase in ("unet", "export"):
+        with pytest.raises(SystemExit, match="--rebase"):
+            train.run(phase, out, train.StopRule(None, 4), resume=True, bundle=tmp_path / "b")
+    with pytest.raises(SystemExit, match="belongs to --phase unet"):
+        train.run("vae", out, stop(), resume=True, bundle=None, rebase=True)
+    before = train.load_file(str(unet_path))
+    train.run("unet", out, train.StopRule(None, 3), resume=True, bundle=None, rebase=True)
+    after = train.read_metadata(unet_path)
+    assert after["step"] == 3 and after["encoder"] == train.encoder_fingerprint(out)
+    assert after["scaling_factor"] != first["scaling_factor"]
+    # The UNet carried on from its weights (one more step), not from a fresh start.
+    weights = train.load_file(str(unet_path))
+    key = next(k for k in weights if k.startswith("model.unet.conv_in"))
+    assert (weights[key].float() - before[key].float()).abs().max() < 0.05
+    with train.safe_open(out / "cache" / "unet-latents.safetensors", "pt") as handle:
+        assert handle.metadata()["encoder"] == after["encoder"]
+    train.run("export", out, stop(), resume=False, bundle=tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "unet" / "config.json").exists()
