@@ -186,7 +186,7 @@ def test_decoder_phase_keeps_the_encoder_and_locks_the_vae_phase(train, tmp_path
     for key, value in vae.state_dict().items():
         source = decoder_weights if f"model.{key}" in names else vae_weights
         assert torch.equal(value.half(), source[f"model.{key}"]), key
-    with pytest.raises(SystemExit, match="move checkpoints/decoder.safetensors away"):
+    with pytest.raises(SystemExit, match=r"move checkpoints/decoder\.safetensors away"):
         train.run("vae", out, stop(), resume=True, bundle=None)
 
 
@@ -248,7 +248,7 @@ def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
 
 
 def test_vae_can_move_on_under_the_unet_which_must_then_be_rebased(train, tmp_path):
-    config, out = tiny_run(train, tmp_path, unet_cache=4)
+    _config, out = tiny_run(train, tmp_path, unet_cache=4)
     stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
     train.run("vae", out, stop(), resume=False, bundle=None)
     train.run("unet", out, stop(), resume=False, bundle=None)
