@@ -815,15 +815,18 @@ def encoder_fingerprint(out: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def require_same_encoder(out: Path) -> None:
-    """Refuse when the UNet checkpoint learned another encoder's latents than the VAE's now."""
+def require_same_encoder(out: Path) -> str:
+    """The VAE checkpoint's `encoder_fingerprint`; refuse when the UNet checkpoint learned
+    another encoder's latents."""
     path = checkpoint_path(out, "unet")
     trained_on = read_metadata(path).get("encoder") if path.exists() else None
-    if trained_on is not None and trained_on != encoder_fingerprint(out):
+    encoder = encoder_fingerprint(out)
+    if trained_on is not None and trained_on != encoder:
         raise SystemExit(
             "the VAE's encoder changed since the UNet last trained (the vae phase ran again); "
             "continue the UNet on the new latents first: --phase unet --resume --rebase"
         )
+    return encoder
 
 
 def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bool) -> Phase:
@@ -834,9 +837,7 @@ def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bo
     vae = load_frozen_vae(out, parts["vae"])
     photos = load_photos(TRAIN_PHOTOS)
     previous = checkpoint_path(out, "unet")
-    encoder = encoder_fingerprint(out)
-    if not rebase:
-        require_same_encoder(out)
+    encoder = encoder_fingerprint(out) if rebase else require_same_encoder(out)
     # The scale is fixed when the phase starts, and again at a rebase: the UNet learns latents
     # at that scale.
     if previous.exists() and not rebase:
@@ -947,13 +948,13 @@ def run(
     bundle: Path | None,
     rebase: bool = False,
 ) -> None:
+    if rebase and phase != "unet":
+        raise SystemExit("--rebase belongs to --phase unet")
     config = load_config(out, smoke=False)
     if phase == "export":
         export_bundle(config, out, bundle or out / "bundle")
         return
     parts = build_components(config)
-    if rebase and phase != "unet":
-        raise SystemExit("--rebase belongs to --phase unet")
     if phase == "vae":
         if checkpoint_path(out, "decoder").exists():
             raise SystemExit(
