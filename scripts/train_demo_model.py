@@ -48,6 +48,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -290,8 +291,16 @@ def parameter_count(module: torch.nn.Module) -> int:
 # Data. Every batch is a pure function of (seed, phase, step), so resumed runs see the same data.
 
 
+PHOTO_ARCHIVE = "DRAGONDIFFUSION_PHOTO_ARCHIVE"
+"""Environment variable naming an .npz of the photos by name (see --save-photos), for machines
+whose scikit-image lacks them."""
+
+
 def load_photos(names: tuple[str, ...]) -> list[Image.Image]:
     """scikit-image data photos as RGB PIL images (motorcycle_left/right: the stereo pair)."""
+    if os.environ.get(PHOTO_ARCHIVE):
+        with np.load(os.environ[PHOTO_ARCHIVE]) as archive:
+            return [Image.fromarray(archive[n]).convert("RGB") for n in names]
     import skimage.data
 
     left, right, _ = skimage.data.stereo_motorcycle()
@@ -340,17 +349,26 @@ def training_batch(
 ) -> tuple[torch.Tensor, list[str]]:
     """`size` images (B, 3, H, W) in [-1, 1] with captions: random scenes, and photo crops for
     a `photo_share` of them."""
+    images, captions = training_images(rng, size, photo_share, photos)
+    return to_tensor(list(images)), captions
+
+
+def training_images(
+    rng: np.random.Generator, size: int, photo_share: float, photos: list[Image.Image]
+) -> tuple[np.ndarray, list[str]]:
+    """training_batch's images as (B, H, W, 3) uint8 RGB (numpy only: safe in worker processes)."""
     images, captions = [], []
     for _ in range(size):
         if rng.random() < photo_share:
-            images.append(photo_crop(photos[rng.integers(len(photos))], rng, IMAGE_SIZE))
+            crop = photo_crop(photos[rng.integers(len(photos))], rng, IMAGE_SIZE)
+            images.append(np.round(crop).astype(np.uint8))
             captions.append(PHOTO_CAPTION)
         else:
             seed = int(rng.integers(TRAIN_SEED_FLOOR, 2**63))
             scene = scenes.random_scene(seed, size=IMAGE_SIZE)
             images.append(scenes.render(scene)[0])
             captions.append(scenes.caption(scene))
-    return to_tensor(images), captions
+    return np.stack(images), captions
 
 
 def random_crops(images: torch.Tensor, side: int, rng: np.random.Generator) -> torch.Tensor:
@@ -396,18 +414,15 @@ def vae_loss(
     return loss, {"l1": l1.item(), "kl": kl.item(), "psnr": psnr(recon.detach(), images)}
 
 
-def encode_prompts(
-    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]
-) -> torch.Tensor:
-    """(B, tokens, hidden) text encoder states, the UNet's cross-attention context."""
-    ids = tokenizer(
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, tokens) token ids, padded to the tokenizer's length as the pipeline pads them."""
+    return tokenizer(
         captions,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    return text_encoder(ids)[0]
 
 
 @dataclass(frozen=True)
@@ -424,19 +439,24 @@ class Denoiser:
 def denoising_loss(
     model: Denoiser,
     latents: torch.Tensor,
-    captions: list[str],
+    ids: torch.Tensor,
     generator: torch.Generator,
     timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SD's objective: MSE between the noise added at random timesteps and the UNet's estimate."""
+    """SD's objective: MSE between the noise added at random timesteps and the UNet's estimate.
+
+    ids: the captions' token ids (`tokenize`). The noise and timesteps are drawn on the
+    generator's device and moved to the latents'."""
+    where = {"generator": generator, "device": generator.device}
     if timesteps is None:
         steps = model.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (len(latents),), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, steps, (len(latents),), **where)
+    noise = torch.randn(latents.shape, **where).to(latents.device)
+    timesteps = timesteps.to(latents.device)
     noisy = model.scheduler.add_noise(latents, noise, timesteps)
-    context = encode_prompts(model.text_encoder, model.tokenizer, captions)
+    context = model.text_encoder(ids.to(latents.device))[0]
     prediction = model.unet(noisy, timesteps, context).sample
-    return torch.nn.functional.mse_loss(prediction, noise)
+    return torch.nn.functional.mse_loss(prediction.float(), noise)
 
 
 def encode_latents(
@@ -449,67 +469,102 @@ def encode_latents(
 
 @dataclass(frozen=True)
 class LatentCache:
-    """VAE posteriors (mean, std; fp16, unscaled) of a fixed set of training images."""
+    """VAE posteriors (mean, std; fp16, unscaled) of a fixed set of training images, with their
+    captions' token ids; all on the training device."""
 
     mean: torch.Tensor
     std: torch.Tensor
-    captions: list[str]
+    ids: torch.Tensor
 
     def batch(
         self, rng: np.random.Generator, size: int, generator: torch.Generator, scale: float
-    ) -> tuple[torch.Tensor, list[str]]:
-        """`size` random entries: latents sampled from their posteriors and scaled, captions."""
-        index = torch.from_numpy(rng.integers(len(self.captions), size=size))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` random entries: latents sampled from their posteriors and scaled, token ids."""
+        index = torch.from_numpy(rng.integers(len(self.ids), size=size)).to(self.mean.device)
         mean, std = self.mean[index].float(), self.std[index].float()
-        latents = mean + std * torch.randn(mean.shape, generator=generator)
-        return latents * scale, [self.captions[i] for i in index.tolist()]
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
+        return (mean + std * noise.to(mean.device)) * scale, self.ids[index]
+
+
+def render_chunk(job: tuple[TrainConfig, int, int]) -> tuple[np.ndarray, list[str]]:
+    """The cache's images [first, first + size) (a pure function of the config: any worker
+    process renders the same ones). Photos come from the process's _WORKER_PHOTOS."""
+    config, first, size = job
+    rng = batch_rng(config, "cache", first)
+    return training_images(rng, size, config.unet_photo_share, _WORKER_PHOTOS)
+
+
+_WORKER_PHOTOS: list[Image.Image] = []
+"""The training photos, set before the cache's worker processes fork."""
 
 
 def latent_cache(
-    config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image], out: Path, encoder: str
+    config: TrainConfig,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    photos: list[Image.Image],
+    out: Path,
+    encoder: str,
+    workers: int = 1,
 ) -> LatentCache:
-    """The run's cache (out/cache/unet-latents.safetensors), encoded and written if absent or
-    made by another encoder (`encoder`: its `encoder_fingerprint`).
+    """The run's cache (out/cache/unet-latents.safetensors), encoded and written if absent, of
+    another size, or made by another encoder (`encoder`: its `encoder_fingerprint`).
 
     It holds `config.unet_cache` images of the unet data stream's kind (scenes and photo crops)
     and depends only on the config and the frozen encoder, so it is not committed: a new machine
-    rebuilds it (about 30 ms per image on one core)."""
+    rebuilds it (about 30 ms per image on one core; `workers` processes render in parallel, with
+    the same result). It lives on the VAE's device."""
     path = out / "cache" / "unet-latents.safetensors"
+    device = vae.device
     if path.exists():
         with safe_open(path, "pt") as handle:
             metadata = handle.metadata()
-        if metadata.get("encoder") == encoder:
-            tensors = load_file(path)
-            return LatentCache(tensors["mean"], tensors["std"], json.loads(metadata["captions"]))
-        print("cache: made by another encoder; encoding it again", flush=True)
+        captions = json.loads(metadata["captions"])
+        if metadata.get("encoder") == encoder and len(captions) == config.unet_cache:
+            tensors = load_file(path, device=str(device))
+            ids = tokenize(tokenizer, captions).to(device)
+            return LatentCache(tensors["mean"], tensors["std"], ids)
+        print("cache: another encoder or size; encoding it again", flush=True)
     means, stds, captions = [], [], []
     chunk, started = 64, time.perf_counter()
-    for first in range(0, config.unet_cache, chunk):
-        rng = batch_rng(config, "cache", first)
-        size = min(chunk, config.unet_cache - first)
-        images, texts = training_batch(rng, size, config.unet_photo_share, photos)
-        with torch.no_grad():
-            posterior = vae.encode(images).latent_dist
-        means.append(posterior.mean.half())
-        stds.append(posterior.std.half())
-        captions += texts
-        if (first // chunk) % 20 == 0:
-            done = first + size
-            print(
-                f"cache: {done}/{config.unet_cache} images, {time.perf_counter() - started:.0f} s",
-                flush=True,
-            )
+    jobs = [
+        (config, f, min(chunk, config.unet_cache - f)) for f in range(0, config.unet_cache, chunk)
+    ]
+    _WORKER_PHOTOS[:] = photos
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        chunks = pool.imap(render_chunk, jobs) if pool else map(render_chunk, jobs)
+        for n, (images, texts) in enumerate(chunks):
+            with torch.no_grad():
+                posterior = vae.encode(to_tensor(list(images)).to(device)).latent_dist
+            means.append(posterior.mean.half())
+            stds.append(posterior.std.half())
+            captions += texts
+            if n % 20 == 0 or n == len(jobs) - 1:
+                seconds = time.perf_counter() - started
+                print(
+                    f"cache: {len(captions)}/{config.unet_cache} images, {seconds:.0f} s",
+                    flush=True,
+                )
+    finally:
+        if pool:
+            pool.terminate()
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
     partial = path.with_suffix(".partial")
-    save_file(tensors, partial, metadata={"captions": json.dumps(captions), "encoder": encoder})
+    cpu = {k: v.cpu() for k, v in tensors.items()}
+    save_file(cpu, partial, metadata={"captions": json.dumps(captions), "encoder": encoder})
     partial.replace(path)
-    return LatentCache(tensors["mean"], tensors["std"], captions)
+    return LatentCache(tensors["mean"], tensors["std"], tokenize(tokenizer, captions).to(device))
 
 
-def drop_captions(captions: list[str], rng: np.random.Generator, rate: float) -> list[str]:
-    """Captions with each replaced by "" with probability `rate` (for classifier-free guidance)."""
-    return ["" if rng.random() < rate else c for c in captions]
+def drop_captions(
+    ids: torch.Tensor, empty: torch.Tensor, rng: np.random.Generator, rate: float
+) -> torch.Tensor:
+    """Token ids with each caption replaced by the empty one (`empty`, (tokens,)) with
+    probability `rate` (for classifier-free guidance)."""
+    dropped = torch.from_numpy(rng.random(len(ids)) < rate).to(ids.device)
+    return torch.where(dropped[:, None], empty.to(ids.device), ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,15 +594,15 @@ def save_checkpoint(
     metadata: dict[str, Any],
 ) -> None:
     names = [n for n, _ in module.named_parameters()]
-    tensors = {f"model.{k}": to_float16(v) for k, v in module.state_dict().items()}
+    tensors = {f"model.{k}": to_float16(v).cpu() for k, v in module.state_dict().items()}
     if ema is not None:
-        tensors |= {f"ema.{n}": e.half() for n, e in zip(names, ema, strict=True)}
+        tensors |= {f"ema.{n}": e.half().cpu() for n, e in zip(names, ema, strict=True)}
     adam_step = 0
     for name, param in zip(names, module.parameters(), strict=True):
         state = optimizer.state.get(param)
         if state:
-            tensors[f"adam_avg.{name}"] = state["exp_avg"].bfloat16()
-            tensors[f"adam_sq.{name}"] = state["exp_avg_sq"].bfloat16()
+            tensors[f"adam_avg.{name}"] = state["exp_avg"].bfloat16().cpu()
+            tensors[f"adam_sq.{name}"] = state["exp_avg_sq"].bfloat16().cpu()
             adam_step = int(state["step"])
     write_checkpoint(path, tensors, {**metadata, "adam_step": adam_step})
 
@@ -588,8 +643,8 @@ def load_checkpoint(
             if f"adam_avg.{name}" in tensors:
                 optimizer.state[param] = {
                     "step": torch.tensor(float(metadata["adam_step"])),
-                    "exp_avg": tensors[f"adam_avg.{name}"].float(),
-                    "exp_avg_sq": tensors[f"adam_sq.{name}"].float(),
+                    "exp_avg": tensors[f"adam_avg.{name}"].to(param.device, torch.float32),
+                    "exp_avg_sq": tensors[f"adam_sq.{name}"].to(param.device, torch.float32),
                 }
     return metadata
 
@@ -664,8 +719,20 @@ def trim_log(log: Path, last_step: int) -> None:
         log.write_text("".join(line + "\n" for line in kept))
 
 
-def run_phase(phase: Phase, config: TrainConfig, out: Path, stop: StopRule, resume: bool) -> int:
-    """Train until `stop` says so, checkpointing along the way; return the phase's step count."""
+def run_phase(
+    phase: Phase,
+    config: TrainConfig,
+    out: Path,
+    stop: StopRule,
+    resume: bool,
+    machine: Machine | None = None,
+) -> int:
+    """Train until `stop` says so, checkpointing along the way; return the phase's step count.
+
+    On CUDA the forward passes run under bf16 autocast (weights, gradients and Adam stay
+    float32); held-out evaluation runs in float32 everywhere."""
+    device = next(phase.module.parameters()).device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     params = list(phase.module.parameters())
     optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=config.weight_decay)
     ema = [p.detach().clone() for p in params] if phase.use_ema else None
@@ -695,7 +762,8 @@ def run_phase(phase: Phase, config: TrainConfig, out: Path, stop: StopRule, resu
         tick = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = phase.lr * min(1.0, (step + 1) / config.warmup_steps)
-        loss, metrics = phase.step_loss(step)
+        with autocast:
+            loss, metrics = phase.step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -706,10 +774,12 @@ def run_phase(phase: Phase, config: TrainConfig, out: Path, stop: StopRule, resu
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         step += 1
         seconds_per_step = time.monotonic() - tick
-        window.append({"loss": loss.item(), **metrics, "s_per_step": seconds_per_step})
+        window.append({"loss": loss.detach(), **metrics, "s_per_step": seconds_per_step})
         if step % config.log_every == 0 or step % config.eval_every == 0:
             record = {"step": step, "elapsed_s": round(elapsed + time.monotonic() - start_time)}
-            record |= {k: round(float(np.mean([w[k] for w in window])), 5) for k in window[0]}
+            record |= {
+                k: round(float(np.mean([float(w[k]) for w in window])), 5) for k in window[0]
+            }
             if step % config.eval_every == 0:
                 record |= {f"eval_{k}": round(v, 5) for k, v in phase.evaluate().items()}
             with log.open("a") as f:
@@ -720,12 +790,15 @@ def run_phase(phase: Phase, config: TrainConfig, out: Path, stop: StopRule, resu
             checkpoint()
             last_save = time.monotonic()
     checkpoint()
-    record_run(out, phase.name, start_step, step, time.monotonic() - start_time)
+    record_run(out, phase.name, start_step, step, time.monotonic() - start_time, machine)
     return step
 
 
-def record_run(out: Path, phase: str, first: int, last: int, seconds: float) -> None:
-    """Append this run (steps, wall time, speed, threads) to run.json and update phase totals."""
+def record_run(
+    out: Path, phase: str, first: int, last: int, seconds: float, machine: Machine | None = None
+) -> None:
+    """Append this run (steps, wall time, speed, threads, machine) to run.json and update phase
+    totals."""
     path = out / "run.json"
     runs = json.loads(path.read_text()) if path.exists() else {"runs": [], "totals": {}}
     runs["runs"].append(
@@ -737,6 +810,8 @@ def record_run(out: Path, phase: str, first: int, last: int, seconds: float) -> 
             "s_per_step": round(seconds / max(1, last - first), 3),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "machine": dataclasses.asdict(machine or Machine()),
+            "device_name": device_name((machine or Machine()).device),
             "command": sys.argv,
         }
     )
@@ -746,6 +821,12 @@ def record_run(out: Path, phase: str, first: int, last: int, seconds: float) -> 
     path.write_text(json.dumps(runs, indent=2) + "\n")
 
 
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
 # ---------------------------------------------------------------------------------------------
 # Phases.
 
@@ -753,12 +834,12 @@ def record_run(out: Path, phase: str, first: int, last: int, seconds: float) -> 
 def vae_phase(config: TrainConfig, parts: dict[str, Any], stream: str = "vae") -> Phase:
     vae: AutoencoderKL = parts["vae"]
     photos = load_photos(TRAIN_PHOTOS)
-    eval_scenes, _, eval_photos = eval_batch(config)
+    eval_scenes, eval_photos = (t.to(vae.device) for t in eval_batch(config)[::2])
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = batch_rng(config, stream, step)
         images, _ = training_batch(rng, config.vae_batch, config.vae_photo_share, photos)
-        images = random_crops(images, config.vae_crop, rng)
+        images = random_crops(images, config.vae_crop, rng).to(vae.device)
         return vae_loss(vae, images, torch.Generator().manual_seed(step), config)
 
     def evaluate() -> dict[str, float]:
@@ -799,7 +880,8 @@ def latent_scale(config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Ima
     """1 / standard deviation of the VAE's latents over training images (SD 1.x: 0.18215)."""
     rng = batch_rng(config, "scaling", 0)
     images, _ = training_batch(rng, config.scaling_samples, config.unet_photo_share, photos)
-    latents = encode_latents(vae, images, torch.Generator().manual_seed(config.seed), 1.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    latents = encode_latents(vae, images.to(vae.device), generator, 1.0)
     return 1.0 / latents.std().item()
 
 
@@ -829,11 +911,14 @@ def require_same_encoder(out: Path) -> str:
     return encoder
 
 
-def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bool) -> Phase:
+def unet_phase(
+    config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bool, workers: int = 1
+) -> Phase:
     """The UNet and text encoder on the frozen VAE's latents.
 
     rebase: the encoder changed since the UNet's checkpoint (the vae phase ran on): keep the
-    UNet's weights, measure the latents' scale again and re-encode the cache, and train on."""
+    UNet's weights, measure the latents' scale again and re-encode the cache, and train on.
+    workers: processes that render the latent cache's images."""
     vae = load_frozen_vae(out, parts["vae"])
     photos = load_photos(TRAIN_PHOTOS)
     previous = checkpoint_path(out, "unet")
@@ -846,28 +931,36 @@ def unet_phase(config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bo
         scale = latent_scale(config, vae, photos)
     model = Denoiser(parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"])
     module = torch.nn.ModuleDict({"unet": model.unet, "text_encoder": model.text_encoder})
+    device, tokenizer = vae.device, model.tokenizer
     eval_images, eval_captions, _ = eval_batch(config)
-    eval_latents = encode_latents(vae, eval_images, torch.Generator().manual_seed(0), scale)
+    eval_generator = torch.Generator().manual_seed(0)
+    eval_latents = encode_latents(vae, eval_images.to(device), eval_generator, scale)
+    eval_ids = tokenize(tokenizer, eval_captions)
     eval_steps = torch.linspace(50, 950, len(eval_latents)).long()
+    empty = tokenize(tokenizer, [""])[0]
 
-    cache = latent_cache(config, vae, photos, out, encoder) if config.unet_cache else None
+    cache = None
+    if config.unet_cache:
+        cache = latent_cache(config, vae, tokenizer, photos, out, encoder, workers)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = batch_rng(config, "unet", step)
-        generator = torch.Generator().manual_seed(step)
+        generator = torch.Generator(device).manual_seed(step)
         if cache is not None:
-            latents, captions = cache.batch(rng, config.unet_batch, generator, scale)
+            latents, ids = cache.batch(rng, config.unet_batch, generator, scale)
         else:
             size, share = config.unet_batch, config.unet_photo_share
             images, captions = training_batch(rng, size, share, photos)
-            latents = encode_latents(vae, images, generator, scale)
-        captions = drop_captions(captions, rng, config.caption_dropout)
-        return denoising_loss(model, latents, captions, generator), {}
+            latents = encode_latents(vae, images.to(device), generator, scale)
+            ids = tokenize(tokenizer, captions)
+        ids = drop_captions(ids, empty, rng, config.caption_dropout)
+        return denoising_loss(model, latents, ids, generator), {}
 
     def evaluate() -> dict[str, float]:
+        # Noise from a CPU generator: the same held-out loss on every device.
         generator = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
-            loss = denoising_loss(model, eval_latents, eval_captions, generator, eval_steps)
+            loss = denoising_loss(model, eval_latents, eval_ids, generator, eval_steps)
         return {"loss": loss.item()}
 
     metadata = {"scaling_factor": scale, "encoder": encoder}
@@ -940,6 +1033,28 @@ def load_config(out: Path, smoke: bool) -> TrainConfig:
     return config
 
 
+@dataclass(frozen=True)
+class Machine:
+    """Where a run trains and what it may change for this machine alone (not in config.json):
+    a larger batch and latent cache suit an accelerator; run.json records them."""
+
+    device: str = "cpu"
+    workers: int = 1
+    """Processes that render the latent cache's images."""
+    batch: int | None = None
+    """Replaces the phase's batch size (vae_batch or unet_batch) for this run."""
+    cache: int | None = None
+    """Replaces unet_cache for this run."""
+
+    def apply(self, config: TrainConfig, phase: str) -> TrainConfig:
+        changes: dict[str, int] = {}
+        if self.batch is not None:
+            changes["unet_batch" if phase == "unet" else "vae_batch"] = self.batch
+        if self.cache is not None:
+            changes["unet_cache"] = self.cache
+        return dataclasses.replace(config, **changes)
+
+
 def run(
     phase: str,
     out: Path,
@@ -947,14 +1062,21 @@ def run(
     resume: bool,
     bundle: Path | None,
     rebase: bool = False,
+    machine: Machine = Machine(),
 ) -> None:
     if rebase and phase != "unet":
         raise SystemExit("--rebase belongs to --phase unet")
-    config = load_config(out, smoke=False)
+    config = machine.apply(load_config(out, smoke=False), phase)
     if phase == "export":
         export_bundle(config, out, bundle or out / "bundle")
         return
     parts = build_components(config)
+    device = torch.device(machine.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    for key in ("vae", "unet", "text_encoder"):
+        parts[key].to(device)
     if phase == "vae":
         if checkpoint_path(out, "decoder").exists():
             raise SystemExit(
@@ -969,12 +1091,12 @@ def run(
     elif phase == "decoder":
         spec = decoder_phase(config, parts, out)
     else:
-        spec = unet_phase(config, parts, out, rebase)
+        spec = unet_phase(config, parts, out, rebase, machine.workers)
     counts = {k: parameter_count(parts[k]) for k in ("vae", "unet", "text_encoder")}
     batch = config.unet_batch if phase == "unet" else config.vae_batch
-    print(f"{phase}: parameters {counts}, batch {batch}", flush=True)
+    print(f"{phase}: parameters {counts}, batch {batch}, device {device}", flush=True)
     stop.install()
-    run_phase(spec, config, out, stop, resume)
+    run_phase(spec, config, out, stop, resume, machine)
 
 
 def smoke(out: Path) -> None:
@@ -1001,6 +1123,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="stop when the phase reaches this many steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--bundle", type=Path, help="export destination (default OUT/bundle)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes rendering the unet latent cache"
+    )
+    parser.add_argument("--batch", type=int, help="this run's batch size (not saved in config)")
+    parser.add_argument("--cache", type=int, help="this run's unet_cache size (not saved)")
+    parser.add_argument(
+        "--save-photos",
+        type=Path,
+        metavar="NPZ",
+        help=f"write the training and held-out photos to NPZ (read back via ${PHOTO_ARCHIVE})",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps of every phase")
     parser.add_argument(
         "--rebase",
@@ -1016,7 +1150,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.smoke:
+    if args.save_photos:
+        names = TRAIN_PHOTOS + HELD_OUT_PHOTOS
+        arrays = {n: np.asarray(p) for n, p in zip(names, load_photos(names), strict=True)}
+        np.savez_compressed(args.save_photos, **arrays)
+    elif args.smoke:
         smoke(args.out)
     elif args.compact:
         for phase in args.compact:
@@ -1026,7 +1164,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("pass --phase vae|decoder|unet|export, or --smoke")
     else:
         stop = StopRule(args.minutes, args.steps)
-        run(args.phase, args.out, stop, args.resume, args.bundle, args.rebase)
+        machine = Machine(args.device, args.workers, args.batch, args.cache)
+        run(args.phase, args.out, stop, args.resume, args.bundle, args.rebase, machine)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,11 @@ def test_photo_crops_and_caption_dropout(train):
     photo = train.Image.fromarray(np.full((300, 400, 3), 200, np.uint8))
     crop = train.photo_crop(photo, rng, 128)
     assert crop.shape == (128, 128, 3) and crop.min() >= 0.0 and crop.max() <= 255.0
-    dropped = train.drop_captions(["x"] * 2000, rng, 0.1)
-    assert 0.07 < dropped.count("") / 2000 < 0.13
+    ids, empty = torch.ones(2000, 5, dtype=torch.long), torch.zeros(5, dtype=torch.long)
+    dropped = train.drop_captions(ids, empty, rng, 0.1)
+    rows_dropped = (dropped == 0).all(dim=1)
+    assert torch.equal(rows_dropped, (dropped == 0).any(dim=1))  # whole captions, never parts
+    assert 0.07 < rows_dropped.float().mean().item() < 0.13
 
 
 def test_checkpoint_round_trip(train, tmp_path):
@@ -231,20 +234,30 @@ def test_vae_crops_and_the_unet_latent_cache(train, tmp_path):
     path = out / "cache" / "unet-latents.safetensors"
     vae = train.load_frozen_vae(out, train.build_components(config)["vae"])
     encoder = train.encoder_fingerprint(out)
-    cache = train.latent_cache(config, vae, [], out, encoder)  # read back from the file
-    assert cache.mean.shape == cache.std.shape == (5, 8, 16, 16) and len(cache.captions) == 5
+    tokenizer = train.build_tokenizer()
+    cache = train.latent_cache(config, vae, tokenizer, [], out, encoder)  # read from the file
+    assert cache.mean.shape == cache.std.shape == (5, 8, 16, 16) and cache.ids.shape == (5, 77)
     assert cache.mean.dtype == torch.float16 and path.exists()
     # The cached posteriors are the frozen encoder's on the cache stream's images.
     rng = train.batch_rng(config, "cache", 0)
     first, captions = train.training_batch(rng, 5, config.unet_photo_share, [])
     with torch.no_grad():
         expected = vae.encode(first).latent_dist.mean
-    assert captions == cache.captions
+    assert torch.equal(cache.ids, train.tokenize(tokenizer, captions))
     torch.testing.assert_close(cache.mean.float(), expected, atol=2e-3, rtol=2e-3)
-    latents, texts = cache.batch(np.random.default_rng(1), 3, torch.Generator().manual_seed(0), 2.0)
+    latents, ids = cache.batch(np.random.default_rng(1), 3, torch.Generator().manual_seed(0), 2.0)
     again, _ = cache.batch(np.random.default_rng(1), 3, torch.Generator().manual_seed(0), 2.0)
     assert latents.shape == (3, 8, 16, 16) and torch.equal(latents, again)
-    assert set(texts) <= set(cache.captions)
+    assert all(any(torch.equal(row, known) for known in cache.ids) for row in ids)
+    # Worker processes render the same cache, and a cache of another size is rebuilt.
+    bigger = train.dataclasses.replace(config, unet_cache=70)
+    grey = [train.Image.fromarray(np.full((300, 400, 3), 200, np.uint8))]
+    parallel = train.latent_cache(bigger, vae, tokenizer, grey, out, encoder, workers=2)
+    assert len(parallel.ids) == 70
+    torch.testing.assert_close(parallel.mean[:5], cache.mean, atol=1e-3, rtol=1e-3)
+    rng = train.batch_rng(config, "cache", 64)
+    _, late = train.training_batch(rng, 6, config.unet_photo_share, grey)
+    assert torch.equal(parallel.ids[64:], train.tokenize(tokenizer, late))
 
 
 def test_vae_can_move_on_under_the_unet_which_must_then_be_rebased(train, tmp_path):
