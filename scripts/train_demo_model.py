@@ -32,6 +32,10 @@ and the latent cache re-encoded), which adapts it far faster than training anew.
 beside the UNet; while its checkpoint exists the vae phase refuses (it would pair that decoder
 with a changed encoder).
 
+Where a GPU is at hand, `--device cuda` trains there (bf16 autocast; `--batch` and `--cache` set
+this run's batch and latent-cache size, `--workers` render the cache in parallel; run.json records
+them). scripts/device_train_unet.sh does this in one call of a lent GPU machine.
+
 Everything lands in --out (default training/demo-model): config.json (the settings), run.json
 (every run with its duration and speed), {phase}_log.jsonl (losses), checkpoints/{phase}.safetensors
 (the one current checkpoint of each phase) and bundle/. The run folder is committed between
@@ -136,6 +140,10 @@ class TrainConfig:
     vae_photo_share: float = 0.25
     unet_photo_share: float = 0.15
     caption_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    """Min-SNR-γ loss weighting (Hang et al., 2023): each sample's noise MSE weighted by
+    min(SNR(t), γ) / SNR(t), which takes weight off the nearly noise-free timesteps; None: plain
+    MSE (SD's). The held-out loss is always plain MSE."""
     unet_cache: int = 16000
     """Training images (scenes and photo crops) whose VAE posteriors the unet phase encodes once
     and then samples batches from; 0 renders and encodes every batch afresh."""
@@ -442,8 +450,10 @@ def denoising_loss(
     ids: torch.Tensor,
     generator: torch.Generator,
     timesteps: torch.Tensor | None = None,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """SD's objective: MSE between the noise added at random timesteps and the UNet's estimate.
+    """SD's objective: MSE between the noise added at random timesteps and the UNet's estimate
+    (per sample weighted by min(SNR, γ) / SNR when `min_snr_gamma` is γ).
 
     ids: the captions' token ids (`tokenize`). The noise and timesteps are drawn on the
     generator's device and moved to the latents'."""
@@ -456,7 +466,18 @@ def denoising_loss(
     noisy = model.scheduler.add_noise(latents, noise, timesteps)
     context = model.text_encoder(ids.to(latents.device))[0]
     prediction = model.unet(noisy, timesteps, context).sample
-    return torch.nn.functional.mse_loss(prediction.float(), noise)
+    if min_snr_gamma is None:
+        return torch.nn.functional.mse_loss(prediction.float(), noise)
+    errors = ((prediction.float() - noise) ** 2).flatten(1).mean(dim=1)
+    return (snr_weights(model.scheduler, timesteps, min_snr_gamma) * errors).mean()
+
+
+def snr_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR(t), γ) / SNR(t) with SNR(t) = ᾱ_t / (1 − ᾱ_t): 1 where the sample is noisier than
+    SNR γ, smaller for the nearly clean timesteps."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1.0 - alphas)
+    return snr.clamp(max=gamma) / snr
 
 
 def encode_latents(
@@ -954,7 +975,8 @@ def unet_phase(
             latents = encode_latents(vae, images.to(device), generator, scale)
             ids = tokenize(tokenizer, captions)
         ids = drop_captions(ids, empty, rng, config.caption_dropout)
-        return denoising_loss(model, latents, ids, generator), {}
+        gamma = config.min_snr_gamma
+        return denoising_loss(model, latents, ids, generator, min_snr_gamma=gamma), {}
 
     def evaluate() -> dict[str, float]:
         # Noise from a CPU generator: the same held-out loss on every device.

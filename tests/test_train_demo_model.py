@@ -289,3 +289,32 @@ def test_vae_can_move_on_under_the_unet_which_must_then_be_rebased(train, tmp_pa
         assert handle.metadata()["encoder"] == after["encoder"]
     train.run("export", out, stop(), resume=False, bundle=tmp_path / "bundle")
     assert (tmp_path / "bundle" / "unet" / "config.json").exists()
+
+
+def test_min_snr_weighting_takes_weight_off_clean_timesteps(train):
+    scheduler = train.DDIMScheduler(**train.SD15_SCHEDULER)
+    steps = torch.tensor([0, 100, 200, 500, 999])
+    weights = train.snr_weights(scheduler, steps, 5.0)
+    alphas = scheduler.alphas_cumprod[steps]
+    snr = alphas / (1 - alphas)
+    # Clean timesteps (SNR > γ) get γ / SNR < 1; noisy ones (SNR ≤ γ) keep weight 1.
+    assert torch.all(weights[snr > 5] < 1) and torch.all(weights[snr <= 5] == 1)
+    assert weights[0] < weights[1] < weights[2] and (snr[:2] > 5).all() and (snr[3:] < 5).all()
+    # The weighted loss is the plain MSE where every weight is 1, and smaller on clean steps.
+    torch.manual_seed(0)
+    unet = torch.nn.Conv2d(4, 4, 1)
+    model = train.Denoiser(
+        unet=lambda x, t, c: type("Out", (), {"sample": unet(x)}),
+        text_encoder=lambda ids: (torch.zeros(len(ids), 2, 3),),
+        tokenizer=None,
+        scheduler=scheduler,
+    )
+    latents, ids = torch.randn(3, 4, 8, 8), torch.zeros(3, 77, dtype=torch.long)
+
+    def loss(t, gamma):
+        generator = torch.Generator().manual_seed(1)
+        return train.denoising_loss(model, latents, ids, generator, t, min_snr_gamma=gamma)
+
+    noisy, clean = torch.full((3,), 900), torch.full((3,), 10)
+    torch.testing.assert_close(loss(noisy, 5.0), loss(noisy, None))
+    assert loss(clean, 5.0) < 0.5 * loss(clean, None)

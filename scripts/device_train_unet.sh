@@ -1,0 +1,47 @@
+#!/bin/bash
+# Continue the demo model's unet phase on a lent GPU machine (the `device` tool), in one call.
+#
+# Prepare once, in the repo root of the session's checkout (both folders stay out of git):
+#   printf '/.whl/\n/.gpu/\n' >> .git/info/exclude
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+#   mkdir -p .gpu && python scripts/train_demo_model.py --save-photos .gpu/photos.npz
+# Then: device run, command `MIN=6 bash scripts/device_train_unet.sh`, carry [".whl", ".gpu"],
+# timeout_s about 60 * MIN + 120. Afterwards, here:
+#   cat $FILES_AT/unet.part.* > training/demo-model/checkpoints/unet.safetensors
+#   cp $FILES_AT/unet_log.jsonl training/demo-model/
+# and append the last entry of $FILES_AT/run.json's "runs" to training/demo-model/run.json (the
+# device starts from this checkout's run.json). The checkpoint comes back compacted (no Adam
+# moments) and split into 15 MB parts, because the device returns files of at most 16 MiB.
+#
+# MIN: training minutes after the latent cache is built (about 35 s for 40000 images with 15
+# workers on an H200 machine). BATCH, CACHE: this run's batch and cache size. On an H200, batch
+# 256 ran at 0.093 s per step (about 2750 samples/s; 2026-11-26). LIMIT: seconds after which the
+# run is sent SIGTERM, which makes it checkpoint and stop.
+set -u
+T0=$(date +%s)
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__, torch.cuda.is_available())" || exit 1
+if ! python3 -c "import sys; sys.path.insert(0, 'scripts'); import train_demo_model as t; t.load_photos(t.TRAIN_PHOTOS)" 2> /dev/null; then
+  echo "photos: from .gpu/photos.npz"
+  export DRAGONDIFFUSION_PHOTO_ARCHIVE=.gpu/photos.npz
+fi
+MIN=${MIN:-6}
+LIMIT=${LIMIT:-$(python3 -c "print(int(60 * $MIN + 90))")}
+REBASE=${REBASE:---rebase}
+timeout --signal=TERM --kill-after=40 "$LIMIT" python3 scripts/train_demo_model.py --phase unet \
+  --resume $REBASE --device cuda --workers "${WORKERS:-15}" --batch "${BATCH:-256}" \
+  --cache "${CACHE:-40000}" --minutes "$MIN" --threads 4 > "$OUT/train.log" 2>&1
+echo "train: exit $? after $(( $(date +%s) - T0 )) s"
+tail -3 "$OUT/train.log"
+python3 scripts/train_demo_model.py --compact unet || exit 1
+cd training/demo-model || exit 1
+split -b 15000000 -d checkpoints/unet.safetensors "$OUT/unet.part." && cp unet_log.jsonl run.json "$OUT/"
+sha256sum checkpoints/unet.safetensors
+echo "total $(( $(date +%s) - T0 )) s"
