@@ -79,6 +79,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dragondiffusion import scenes
+from dragondiffusion.edit_defaults import DEFAULTS_FILE, EditDefaults
 from dragondiffusion.testing import SD15_SCHEDULER, byte_alphabet
 
 PHOTO_CAPTION = "a photo"
@@ -1016,6 +1017,8 @@ def export_bundle(config: TrainConfig, out: Path, bundle: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging, safe_serialization=True)
     finish_bundle(staging)
+    if (out / DEFAULTS_FILE).exists():  # the model's own edit weights (see edit_defaults)
+        EditDefaults.read(out).write(staging)
     shutil.rmtree(bundle, ignore_errors=True)
     os.replace(staging, bundle)
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from dragondiffusion import scenes
+from dragondiffusion.edit_defaults import EditDefaults
+from dragondiffusion.errors import InputError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 
@@ -287,8 +289,15 @@ def test_vae_can_move_on_under_the_unet_which_must_then_be_rebased(train, tmp_pa
     assert (weights[key].float() - before[key].float()).abs().max() < 0.05
     with train.safe_open(out / "cache" / "unet-latents.safetensors", "pt") as handle:
         assert handle.metadata()["encoder"] == after["encoder"]
+    # The run's own edit weights travel into the bundle (validated).
+    (out / "dragondiffusion.json").write_text('{"weights": {"move": {"guidance_scale": 1}}}')
     train.run("export", out, stop(), resume=False, bundle=tmp_path / "bundle")
     assert (tmp_path / "bundle" / "unet" / "config.json").exists()
+    defaults = EditDefaults.read(tmp_path / "bundle")
+    assert defaults.weights("move").guidance_scale == 1.0
+    (out / "dragondiffusion.json").write_text('{"weights": {"move": {"cfg": 1}}}')
+    with pytest.raises(InputError, match="no weight 'cfg'"):
+        train.run("export", out, stop(), resume=False, bundle=tmp_path / "bundle")
 
 
 def test_min_snr_weighting_takes_weight_off_clean_timesteps(train):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .edit_defaults import EditDefaults
 from .errors import InputError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -96,8 +97,10 @@ def load(
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     local = Path(name).expanduser()
+    defaults = EditDefaults()
     if local.exists() or name.startswith((".", "/", "~")):
         check_bundle(local)
+        defaults = EditDefaults.read(local)
         name = str(local)
     try:
         pipe = DragonPipeline.from_pretrained(
@@ -111,4 +114,5 @@ def load(
             "network access (set HF_HUB_OFFLINE=1 to use only the local cache)"
         ) from err
     pipe.model_name = name
+    pipe.edit_defaults = defaults
     return pipe.to(torch_device)

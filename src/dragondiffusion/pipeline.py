@@ -24,6 +24,7 @@ from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
 from .composite import keep_background
 from .ddim import DDIMTimesteps
+from .edit_defaults import EditDefaults
 from .edits import (
     AppearanceWeights,
     DragWeights,
@@ -135,6 +136,8 @@ class DragonPipeline(StableDiffusionPipeline):
         self.features = FeatureExtractor(unet)
         self.model_name = getattr(unet.config, "_name_or_path", "") or "unknown"
         self.image_prompt: ImagePrompt | None = None
+        self.edit_defaults = EditDefaults()
+        """The model's own default weights (its bundle's dragondiffusion.json), else upstream's."""
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -488,6 +491,10 @@ class DragonPipeline(StableDiffusionPipeline):
         t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
         return (t > 0.5).float().to(self.device)
 
+    def weights_from(self, given: object) -> str:
+        """Where an edit's weights came from, for its record."""
+        return "argument" if given is not None else self.edit_defaults.source
+
     def move(
         self,
         image,
@@ -522,9 +529,10 @@ class DragonPipeline(StableDiffusionPipeline):
             self.to_working(inversion, target, "--to point"),
             scale,
             region,
-            weights,
+            weights or self.edit_defaults.weights("move"),
         )
         plan.params.update({"from": list(source), "to": list(target)})
+        plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)
 
     def appearance(
@@ -549,8 +557,9 @@ class DragonPipeline(StableDiffusionPipeline):
             inversion,
             self.mask_tensor(mask, inversion, "object mask"),
             self.mask_tensor(reference_mask, inversion, "reference mask", index=1),
-            weights,
+            weights or self.edit_defaults.weights("appearance"),
         )
+        plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)
 
     def drag(
@@ -573,10 +582,10 @@ class DragonPipeline(StableDiffusionPipeline):
             )
             for n, (h, t) in enumerate(points)
         ]
-        plan = plan_drag(
-            inversion, self.mask_tensor(mask, inversion, "editable region"), working, weights
-        )
+        region = self.mask_tensor(mask, inversion, "editable region")
+        plan = plan_drag(inversion, region, working, weights or self.edit_defaults.weights("drag"))
         plan.params["points"] = [[list(h), list(t)] for h, t in points]
+        plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)
 
     def paste(
@@ -607,7 +616,8 @@ class DragonPipeline(StableDiffusionPipeline):
             self.mask_tensor(reference_mask, inversion, "reference mask", index=1),
             working_offset,
             scale,
-            weights,
+            weights or self.edit_defaults.weights("paste"),
         )
         plan.params["offset"] = list(offset)
+        plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..demo import prepare_output, run_example, write_text
-from ..edits import AppearanceWeights, DragWeights, MoveWeights, PasteWeights
 from ..errors import InputError
 from ..features import energy_grid
 from ..io import atomic_write
@@ -69,15 +68,6 @@ FOUND_SHARE = 0.25
 """A segmented object smaller than this share of the expected object counts as not found."""
 SUMMARY = "quality.json"
 """Written first (status "incomplete") and last; marks a folder as the benchmark's output."""
-WEIGHTS = {
-    "move": MoveWeights,
-    "appearance": AppearanceWeights,
-    "drag": DragWeights,
-    "paste": PasteWeights,
-}
-"""The weights dataclass of each pipeline edit (resize is `move`)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # What runs.
 
@@ -243,7 +233,8 @@ def produce(
         "keep_background": variant.keep_background,
     }
     if variant.weights:
-        options["weights"] = replace(WEIGHTS[case.example.edit](), **dict(variant.weights))
+        base = pipe.edit_defaults.weights(case.example.edit)
+        options["weights"] = replace(base, **dict(variant.weights))
     steps = variant.steps
     assert steps is not None
     done = run_example(pipe, case.example, steps, inversions.setdefault(steps, {}), seed, **options)

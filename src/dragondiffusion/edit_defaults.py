@@ -1,0 +1,87 @@
+"""A model's own edit weights: defaults tuned for one model, shipped inside its bundle.
+
+The edits' weights default to upstream's demo values, which were tuned on Stable Diffusion 1.5.
+A much smaller model (the embedded demo model) may need others, e.g. no classifier-free guidance
+and a stronger energy. Such a bundle carries them in `dragondiffusion.json` at its root:
+
+    {"weights": {"move": {"guidance_scale": 1.0, "energy_scale": 2000.0}, ...}}
+
+Each entry replaces the named fields of that edit's weights dataclass; weights passed to an edit
+still win. Bundles without the file (SD 1.5 and every other model) keep upstream's values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .edits import AppearanceWeights, DragWeights, MoveWeights, PasteWeights
+from .errors import InputError
+
+DEFAULTS_FILE = "dragondiffusion.json"
+WEIGHTS: dict[str, type] = {
+    "move": MoveWeights,
+    "appearance": AppearanceWeights,
+    "drag": DragWeights,
+    "paste": PasteWeights,
+}
+"""The weights dataclass of each pipeline edit (resize is `move`)."""
+
+
+@dataclass(frozen=True)
+class EditDefaults:
+    """Per-edit overrides of the weights' default values, and where they came from."""
+
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str = "upstream"
+    """'upstream' (no overrides) or the path of the file they were read from."""
+
+    def weights(self, edit: str) -> Any:
+        """The default weights of `edit` (a key of WEIGHTS) for this model."""
+        return replace(WEIGHTS[edit](), **self.overrides.get(edit, {}))
+
+    @classmethod
+    def parse(cls, data: object, source: str) -> EditDefaults:
+        """Validate a decoded `dragondiffusion.json`; InputError naming the bad entry."""
+        weights = data.get("weights") if isinstance(data, dict) else None
+        if not isinstance(weights, dict):
+            raise InputError(f'{source}: expected {{"weights": {{edit: {{field: number}}}}}}')
+        overrides: dict[str, dict[str, float]] = {}
+        for edit, values in weights.items():
+            if edit not in WEIGHTS:
+                raise InputError(f"{source}: unknown edit {edit!r}; use {', '.join(WEIGHTS)}")
+            known = {f.name for f in fields(WEIGHTS[edit])}
+            if not isinstance(values, dict):
+                raise InputError(f"{source}: weights of {edit!r} must be an object of numbers")
+            for name, value in values.items():
+                if name not in known:
+                    raise InputError(
+                        f"{source}: {edit} has no weight {name!r}; use {', '.join(sorted(known))}"
+                    )
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise InputError(f"{source}: {edit}.{name} must be a number, not {value!r}")
+                if not math.isfinite(value) or value < 0:
+                    raise InputError(f"{source}: {edit}.{name} must be finite and ≥ 0")
+            overrides[edit] = {name: float(value) for name, value in values.items()}
+        return cls(overrides, source)
+
+    @classmethod
+    def read(cls, folder: Path) -> EditDefaults:
+        """The bundle's defaults: its DEFAULTS_FILE if there is one, else upstream's."""
+        path = Path(folder) / DEFAULTS_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path}: not valid JSON ({err}); fix or delete the file") from None
+        return cls.parse(data, str(path))
+
+    def write(self, folder: Path) -> Path:
+        """Write the overrides as `folder`/DEFAULTS_FILE and return its path."""
+        path = Path(folder) / DEFAULTS_FILE
+        path.write_text(json.dumps({"weights": self.overrides}, indent=2) + "\n", encoding="utf-8")
+        return path

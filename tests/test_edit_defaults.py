@@ -1,0 +1,66 @@
+"""A bundle's own edit weights (dragondiffusion.json): parsing, loading, use and record."""
+
+import json
+import shutil
+
+import pytest
+
+import dragondiffusion
+from dragondiffusion.edit_defaults import DEFAULTS_FILE, EditDefaults
+from dragondiffusion.edits import AppearanceWeights, MoveWeights
+from dragondiffusion.errors import InputError
+
+
+def test_overrides_replace_only_the_named_weights(tmp_path):
+    written = EditDefaults({"move": {"guidance_scale": 1.0, "energy_scale": 2000.0}})
+    path = written.write(tmp_path)
+    defaults = EditDefaults.read(tmp_path)
+    assert defaults.source == str(path) and path.name == DEFAULTS_FILE
+    move = defaults.weights("move")
+    assert (move.guidance_scale, move.energy_scale) == (1.0, 2000.0)
+    assert move.w_edit == MoveWeights().w_edit  # not named: upstream's value
+    assert defaults.weights("appearance") == AppearanceWeights()
+    assert EditDefaults.read(tmp_path / "absent").source == "upstream"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not valid JSON"),
+        ('{"move": {}}', "expected"),
+        ('{"weights": {"rotate": {}}}', "unknown edit 'rotate'"),
+        ('{"weights": {"move": {"cfg": 1}}}', "move has no weight 'cfg'"),
+        ('{"weights": {"move": {"energy_scale": "big"}}}', "must be a number"),
+        ('{"weights": {"move": {"energy_scale": -1}}}', "finite and ≥ 0"),
+        ('{"weights": {"move": [1, 2]}}', "object of numbers"),
+    ],
+)
+def test_bad_files_are_clear_errors(tmp_path, text, message):
+    (tmp_path / DEFAULTS_FILE).write_text(text)
+    with pytest.raises(InputError, match=message):
+        EditDefaults.read(tmp_path)
+
+
+def test_a_bundle_with_defaults_edits_with_them_unless_weights_are_given(
+    tiny_bundle, tmp_path, scene
+):
+    bundle = tmp_path / "tuned"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / DEFAULTS_FILE).write_text(json.dumps({"weights": {"move": {"guidance_scale": 1.5}}}))
+    pipe = dragondiffusion.load(bundle, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = scene
+    inversion = pipe.invert(image, "a red square", num_inference_steps=4)
+    tuned = pipe.move(inversion, mask, (35, 45), (60, 45), num_inference_steps=4)
+    assert tuned.record["guidance_scale"] == 1.5
+    assert tuned.record["weights_from"] == str(bundle / DEFAULTS_FILE)
+    given = pipe.move(
+        inversion, mask, (35, 45), (60, 45), weights=MoveWeights(), num_inference_steps=4
+    )
+    assert given.record["guidance_scale"] == 4.0 and given.record["weights_from"] == "argument"
+
+
+def test_bundles_without_the_file_keep_upstream_weights(pipe, inversion, scene):
+    result = pipe.move(inversion, scene[1], (35, 45), (60, 45), num_inference_steps=10)
+    assert result.record["guidance_scale"] == MoveWeights().guidance_scale
+    assert result.record["weights_from"] == "upstream"
