@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,16 @@ def test_mask_to_grid_half_coverage_and_empty_error():
     m[..., 0:4, 0:1] = 0
     with pytest.raises(InputError, match="empty on the 2×2 grid; draw"):
         require_nonempty(mask_to_grid(m, (2, 2)), "the mask", "draw a larger one")
+
+
+def test_one_dilation_for_arrays_and_tensors():
+    from dragondiffusion.geometry import dilate, grow
+
+    mask = np.zeros((9, 9), bool)
+    mask[4, 4] = mask[0, 8] = True
+    grown = dilate(mask, 1)
+    assert grown.sum() == 9 + 4  # a full 3×3 square, and one clipped at the corner
+    assert grown[3:6, 3:6].all() and grown[0:2, 7:9].all() and not grown[6:, :3].any()
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    assert torch.equal(grow(tensor, 1)[0, 0] > 0, torch.from_numpy(grown))
+    assert grow(tensor, 0) is tensor and np.array_equal(dilate(mask, 0), mask)

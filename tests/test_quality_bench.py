@@ -21,7 +21,8 @@ from dragondiffusion.bench import ABLATIONS, EDITS, baseline, cases, metrics, qu
 from dragondiffusion.bench.sections import write_section
 from dragondiffusion.cli import main
 from dragondiffusion.errors import InputError
-from dragondiffusion.model_report import dilate, masked_psnr, psnr
+from dragondiffusion.geometry import dilate
+from dragondiffusion.model_report import masked_psnr, psnr
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 FLAT = scenes.Background("gradient", "grey", "grey", 0.0, 0.5, 0, False)

@@ -17,6 +17,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .geometry import grow
+
 
 def background_alpha(region: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 weight of the edited image at output `size` (W, H): 1 on the region grown
@@ -27,7 +29,7 @@ def background_alpha(region: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     h, w = region.shape[-2:]
     cell = max(1, round(max(height / h, width / w)))
     mask = F.interpolate(region.float().cpu(), size=(height, width), mode="nearest")
-    grown = F.max_pool2d(mask, 2 * cell + 1, stride=1, padding=cell)
+    grown = grow(mask, cell)
     # A box filter of 2·cell+1 on the grown mask is 1 inside it, 0 beyond one more cell.
     feather = F.avg_pool2d(
         F.pad(grown, (cell, cell, cell, cell), mode="replicate"), 2 * cell + 1, stride=1

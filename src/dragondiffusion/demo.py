@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from . import __version__, scenes
 from .errors import InputError
 from .figures import annotate, contact_sheet, inset
-from .geometry import Point
+from .geometry import Point, dilate
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -74,14 +74,6 @@ class Example:
         if self.edit == "move" and self.arguments["source"] != self.arguments["target"]:
             return [(self.arguments["source"], self.arguments["target"])]
         return list(self.arguments.get("points", []))
-
-
-def _dilated(mask: np.ndarray, radius: int) -> np.ndarray:
-    """The (H, W) bool mask grown by `radius` pixels (a square structuring element)."""
-    grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(
-        ImageFilter.MaxFilter(2 * radius + 1)
-    )
-    return np.asarray(grown) > 127
 
 
 def move_examples(size: int) -> list[Example]:
@@ -152,7 +144,7 @@ def drag_example(size: int) -> Example:
         edit="drag",
         arguments={
             "image": image,
-            "mask": _dilated(mask | dragged_mask, round(6 * k)),
+            "mask": dilate(mask | dragged_mask, round(6 * k)),
             "points": [(handle, target)],
             "prompt": scenes.caption(star),
         },

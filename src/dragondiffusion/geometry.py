@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +18,20 @@ from .errors import InputError
 
 Point = tuple[float, float]
 Size = tuple[int, int]  # (width, height)
+
+
+def grow(mask: torch.Tensor, margin: int) -> torch.Tensor:
+    """A (…, H, W) float 0/1 mask grown by `margin` cells in every direction (a square
+    neighbourhood); the same tensor when `margin` ≤ 0."""
+    if margin <= 0:
+        return mask
+    return F.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin)
+
+
+def dilate(mask: np.ndarray, margin: int) -> np.ndarray:
+    """A (H, W) bool mask grown by `margin` pixels in every direction (a square neighbourhood)."""
+    grown = grow(torch.from_numpy(mask.astype(np.float32))[None, None], margin)
+    return grown[0, 0].numpy() > 0
 
 
 def working_size(width: int, height: int, resolution: int, multiple: int) -> Size:

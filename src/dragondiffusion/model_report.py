@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import __version__, scenes
 from .errors import InputError
 from .figures import annotate, contact_sheet
-from .geometry import Point, Size, mask_to_grid
+from .geometry import Point, Size, dilate, mask_to_grid
 from .io import atomic_write
 
 SAMPLE_CAPTIONS = (
@@ -279,14 +279,6 @@ def shift_mask(mask: np.ndarray, shift: Point) -> np.ndarray:
             max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
         ]
     return out
-
-
-def dilate(mask: np.ndarray, margin: int) -> np.ndarray:
-    """The mask grown by `margin` pixels in every direction (a square neighbourhood)."""
-    if margin <= 0:
-        return mask.copy()
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.max_pool2d(t, 2 * margin + 1, stride=1, padding=margin)[0, 0].numpy() > 0
 
 
 def masked_psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:

@@ -20,8 +20,7 @@ import numpy as np
 from skimage.exposure import match_histograms
 
 from ..errors import InputError
-from ..geometry import Point
-from ..model_report import dilate
+from ..geometry import Point, dilate
 
 INPAINT_RADIUS = 3
 """Telea's neighbourhood radius in pixels."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import scenes
 from ..demo import SCENE_UNIT, Example
-from ..model_report import dilate
+from ..geometry import dilate
 from . import EDITS
 from .metrics import erode
 

@@ -22,8 +22,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.metrics import structural_similarity
 
-from ..geometry import Point
-from ..model_report import centroid, dilate
+from ..geometry import Point, dilate
+from ..model_report import centroid
 
 HISTOGRAM_BINS = 8
 """Bins per RGB channel of the colour histograms."""

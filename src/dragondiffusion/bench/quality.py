@@ -42,8 +42,9 @@ import numpy as np
 from ..demo import prepare_output, run_example, write_text
 from ..errors import InputError
 from ..features import energy_grid
+from ..geometry import dilate
 from ..io import atomic_write
-from ..model_report import dilate, masked_psnr, psnr
+from ..model_report import masked_psnr, psnr
 from ..sampler import MODES
 from . import ABLATIONS, EDITS
 from .baseline import baseline, require_cv2
