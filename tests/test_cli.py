@@ -84,6 +84,19 @@ def test_cli_bad_input_errors_name_the_problem(files, tiny_bundle, capsys):
         main(["move", "--from", "1;2"])
 
 
+def test_cli_threads(tiny_bundle, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["info", "--model", str(tiny_bundle), "--device", "cpu", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["info", "--model", str(tiny_bundle), "--threads", "0"]) == 2
+        assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_info(tiny_bundle, capsys):
     assert main(["info", "--model", str(tiny_bundle), "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -36,6 +36,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="SD 1.x diffusers folder or hub id (default: embedded model)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: fp16 on CUDA)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: one per core; fewer when other work shares them)",
+    )
 
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
@@ -315,10 +320,23 @@ def run_info(args: argparse.Namespace) -> None:
     )
 
 
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads in torch (None: torch's default, one per core). Busy cores
+    oversubscribed by torch's threads slow it many times over."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        set_threads(getattr(args, "threads", None))
         commands = {"info": run_info, "demo": run_demo, "bench": run_bench}
         commands.get(args.command, run_edit)(args)
     except InputError as err:
