@@ -14,7 +14,8 @@
 # device starts from this checkout's run.json). The checkpoint comes back compacted (no Adam
 # moments) and split into 15 MB parts, because the device returns files of at most 16 MiB.
 #
-# MIN: training minutes after the latent cache is built (about 35 s for 40000 images with 15
+# RUN: the run folder (training/demo-model). DEVICE: cuda (cpu runs the same steps, to check the
+# script without a GPU). MIN: training minutes after the latent cache is built (about 35 s for 40000 images with 15
 # workers on an H200 machine). BATCH, CACHE: this run's batch and cache size. On an H200, batch
 # 256 ran at 0.093 s per step (about 2750 samples/s; 2026-11-26). LIMIT: seconds after which the
 # run is sent SIGTERM, which makes it checkpoint and stop.
@@ -26,7 +27,9 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+RUN=${RUN:-training/demo-model}
+DEVICE=${DEVICE:-cuda}
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__, torch.cuda.is_available())" || exit 1
 if ! python3 -c "import sys; sys.path.insert(0, 'scripts'); import train_demo_model as t; t.load_photos(t.TRAIN_PHOTOS)" 2> /dev/null; then
   echo "photos: from .gpu/photos.npz"
@@ -36,12 +39,12 @@ MIN=${MIN:-6}
 LIMIT=${LIMIT:-$(python3 -c "print(int(60 * $MIN + 90))")}
 REBASE=${REBASE:---rebase}
 timeout --signal=TERM --kill-after=40 "$LIMIT" python3 scripts/train_demo_model.py --phase unet \
-  --resume $REBASE --device cuda --workers "${WORKERS:-15}" --batch "${BATCH:-256}" \
+  --out "$RUN" --resume $REBASE --device "$DEVICE" --workers "${WORKERS:-15}" --batch "${BATCH:-256}" \
   --cache "${CACHE:-40000}" --minutes "$MIN" --threads 4 > "$OUT/train.log" 2>&1
 echo "train: exit $? after $(( $(date +%s) - T0 )) s"
 tail -3 "$OUT/train.log"
-python3 scripts/train_demo_model.py --compact unet || exit 1
-cd training/demo-model || exit 1
+python3 scripts/train_demo_model.py --out "$RUN" --compact unet || exit 1
+cd "$RUN" || exit 1
 split -b 15000000 -d checkpoints/unet.safetensors "$OUT/unet.part." && cp unet_log.jsonl run.json "$OUT/"
 sha256sum checkpoints/unet.safetensors
 echo "total $(( $(date +%s) - T0 )) s"
