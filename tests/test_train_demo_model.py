@@ -327,3 +327,20 @@ def test_min_snr_weighting_takes_weight_off_clean_timesteps(train):
     noisy, clean = torch.full((3,), 900), torch.full((3,), 10)
     torch.testing.assert_close(loss(noisy, 5.0), loss(noisy, None))
     assert loss(clean, 5.0) < 0.5 * loss(clean, None)
+
+
+def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
+    config, out = tiny_run(train, tmp_path, unet_cache=4)
+    stop = lambda: train.StopRule(minutes=None, max_steps=2)  # noqa: E731
+    train.run("vae", out, stop(), resume=False, bundle=None)
+    machine = train.Machine(device="cpu", workers=2, batch=3, cache=6)
+    train.run("unet", out, stop(), resume=False, bundle=None, machine=machine)
+    last = json.loads((out / "run.json").read_text())["runs"][-1]
+    assert last["phase"] == "unet" and last["device_name"] == "cpu"
+    assert last["machine"] == {"device": "cpu", "workers": 2, "batch": 3, "cache": 6}
+    # config.json keeps the run's own settings; the cache was built at this run's size.
+    assert train.TrainConfig.from_json((out / "config.json").read_text()) == config
+    with train.safe_open(out / "cache" / "unet-latents.safetensors", "pt") as handle:
+        assert len(json.loads(handle.metadata()["captions"])) == 6
+    assert machine.apply(config, "vae").vae_batch == 3
+    assert machine.apply(config, "unet").unet_batch == 3
