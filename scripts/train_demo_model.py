@@ -837,6 +837,8 @@ def record_run(
             "command": sys.argv,
         }
     )
+    if first == 0:  # a fresh start: earlier runs of the phase trained a discarded checkpoint
+        runs["totals"][phase] = {"steps": 0, "seconds": 0.0}
     total = runs["totals"].setdefault(phase, {"steps": 0, "seconds": 0.0})
     total["steps"] = last
     total["seconds"] = round(total["seconds"] + seconds, 1)

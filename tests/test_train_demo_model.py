@@ -342,5 +342,12 @@ def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
     assert train.TrainConfig.from_json((out / "config.json").read_text()) == config
     with train.safe_open(out / "cache" / "unet-latents.safetensors", "pt") as handle:
         assert len(json.loads(handle.metadata()["captions"])) == 6
+    # A phase started afresh (step 0) resets its totals; a resumed one adds to them.
+    train.record_run(out, "unet", 2, 5, 10.0)
+    train.record_run(out, "unet", 0, 4, 7.0)
+    assert json.loads((out / "run.json").read_text())["totals"]["unet"] == {
+        "steps": 4,
+        "seconds": 7.0,
+    }
     assert machine.apply(config, "vae").vae_batch == 3
     assert machine.apply(config, "unet").unet_batch == 3
