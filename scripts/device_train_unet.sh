@@ -7,18 +7,25 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #   mkdir -p .gpu && python scripts/train_demo_model.py --save-photos .gpu/photos.npz
 # Then: device run, command `MIN=6 bash scripts/device_train_unet.sh`, carry [".whl", ".gpu"],
-# timeout_s about 60 * MIN + 120. Afterwards, here:
-#   cat $FILES_AT/unet.part.* > training/demo-model/checkpoints/unet.safetensors
+# timeout_s about 60 * MIN + 120, and MIN small enough that the call ends inside the session's
+# device time (status: budget_left_s, less 1-2 minutes for the machine's start). A checkpoint is
+# written and shipped every 2 minutes, so a call cut off early still returns its last one.
+# Afterwards, here:
+#   cat $FILES_AT/unet.part.* > /tmp/unet.safetensors
+#   [ "$(sha256sum < /tmp/unet.safetensors | cut -d' ' -f1)" = "$(cat $FILES_AT/unet.sha256)" ] &&
+#     cp /tmp/unet.safetensors training/demo-model/checkpoints/unet.safetensors
 #   cp $FILES_AT/unet_log.jsonl training/demo-model/
 # and append the last entry of $FILES_AT/run.json's "runs" to training/demo-model/run.json (the
 # device starts from this checkout's run.json). The checkpoint comes back compacted (no Adam
 # moments) and split into 15 MB parts, because the device returns files of at most 16 MiB.
 #
-# RUN: the run folder (training/demo-model). DEVICE: cuda (cpu runs the same steps, to check the
-# script without a GPU). MIN: training minutes after the latent cache is built (about 35 s for 40000 images with 15
-# workers on an H200 machine). BATCH, CACHE: this run's batch and cache size. On an H200, batch
-# 256 ran at 0.093 s per step (about 2750 samples/s; 2026-11-26). LIMIT: seconds after which the
-# run is sent SIGTERM, which makes it checkpoint and stop.
+# RUN: the run folder (training/demo-model). DEVICE: cuda (cpu runs the same steps, to check
+# the script without a GPU). MIN: training minutes after the latent cache is built (about 35 s
+# for 40000 images with 15 workers on an H200 machine; a warm machine reuses it). BATCH, CACHE:
+# this run's batch and cache size. On an H200, batch 256 ran at 0.093 s per step (about 2750
+# samples/s; 2026-11-26). CKPT: minutes between checkpoints (2). LIMIT: seconds after which the
+# run is sent SIGTERM, which makes it checkpoint and stop. If the call is cut off, run.json holds
+# no entry for the run: add one by hand from train.log.
 set -u
 T0=$(date +%s)
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -38,13 +45,41 @@ fi
 MIN=${MIN:-6}
 LIMIT=${LIMIT:-$(python3 -c "print(int(60 * $MIN + 90))")}
 REBASE=${REBASE:---rebase}
+
+# ship: the run's current checkpoint, compacted (no Adam moments), as 15 MB parts in $OUT, with
+# the logs. It runs after every checkpoint the training writes (every 2 minutes) and at the end,
+# so a call cut short by the device's time limit still returns the last checkpoint.
+ship() {
+  cp "$RUN/checkpoints/unet.safetensors" /tmp/ship/checkpoints/unet.safetensors || return 1
+  python3 scripts/train_demo_model.py --out /tmp/ship --compact unet > /dev/null || return 1
+  rm -f "$OUT/unet.sha256" "$OUT"/unet.part.*
+  split -b 15000000 -d /tmp/ship/checkpoints/unet.safetensors "$OUT/unet.part." || return 1
+  cp "$RUN/unet_log.jsonl" "$RUN/run.json" "$OUT/"
+  # Written last: parts that match it are one whole checkpoint, even if the call was cut off.
+  sha256sum < /tmp/ship/checkpoints/unet.safetensors | cut -d' ' -f1 > "$OUT/unet.sha256"
+}
+mkdir -p /tmp/ship/checkpoints
+watch_checkpoints() {
+  local seen=""
+  while sleep 15; do
+    local now
+    now=$(stat -c %Y "$RUN/checkpoints/unet.safetensors" 2> /dev/null)
+    if [ -n "$now" ] && [ "$now" != "$seen" ] && [ "$now" -gt "$T0" ]; then
+      ship && seen=$now && echo "shipped the checkpoint of $(date -d @"$now" +%T)"
+    fi
+  done
+}
+watch_checkpoints &
+WATCHER=$!
+
 timeout --signal=TERM --kill-after=40 "$LIMIT" python3 scripts/train_demo_model.py --phase unet \
-  --out "$RUN" --resume $REBASE --device "$DEVICE" --workers "${WORKERS:-15}" --batch "${BATCH:-256}" \
-  --cache "${CACHE:-40000}" --minutes "$MIN" --threads 4 > "$OUT/train.log" 2>&1
+  --out "$RUN" --resume $REBASE --device "$DEVICE" --workers "${WORKERS:-15}" \
+  --batch "${BATCH:-256}" --cache "${CACHE:-40000}" --minutes "$MIN" --checkpoint-minutes "${CKPT:-2}" \
+  --threads 4 > "$OUT/train.log" 2>&1
 echo "train: exit $? after $(( $(date +%s) - T0 )) s"
+kill "$WATCHER" 2> /dev/null
+wait "$WATCHER" 2> /dev/null
 tail -3 "$OUT/train.log"
-python3 scripts/train_demo_model.py --out "$RUN" --compact unet || exit 1
-cd "$RUN" || exit 1
-split -b 15000000 -d checkpoints/unet.safetensors "$OUT/unet.part." && cp unet_log.jsonl run.json "$OUT/"
-sha256sum checkpoints/unet.safetensors
+ship || exit 1
+cat "$OUT/unet.sha256"
 echo "total $(( $(date +%s) - T0 )) s"

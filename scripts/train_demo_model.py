@@ -1072,13 +1072,17 @@ class Machine:
     """Replaces the phase's batch size (vae_batch or unet_batch) for this run."""
     cache: int | None = None
     """Replaces unet_cache for this run."""
+    checkpoint_minutes: float | None = None
+    """Replaces checkpoint_minutes for this run (a lent machine may be taken back mid-run)."""
 
     def apply(self, config: TrainConfig, phase: str) -> TrainConfig:
-        changes: dict[str, int] = {}
+        changes: dict[str, float] = {}
         if self.batch is not None:
             changes["unet_batch" if phase == "unet" else "vae_batch"] = self.batch
         if self.cache is not None:
             changes["unet_cache"] = self.cache
+        if self.checkpoint_minutes is not None:
+            changes["checkpoint_minutes"] = self.checkpoint_minutes
         return dataclasses.replace(config, **changes)
 
 
@@ -1157,6 +1161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="this run's batch size (not saved in config)")
     parser.add_argument("--cache", type=int, help="this run's unet_cache size (not saved)")
     parser.add_argument(
+        "--checkpoint-minutes", type=float, help="this run's checkpoint interval (not saved)"
+    )
+    parser.add_argument(
         "--save-photos",
         type=Path,
         metavar="NPZ",
@@ -1191,7 +1198,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("pass --phase vae|decoder|unet|export, or --smoke")
     else:
         stop = StopRule(args.minutes, args.steps)
-        machine = Machine(args.device, args.workers, args.batch, args.cache)
+        machine = Machine(
+            args.device, args.workers, args.batch, args.cache, args.checkpoint_minutes
+        )
         run(args.phase, args.out, stop, args.resume, args.bundle, args.rebase, machine)
 
 

@@ -337,7 +337,13 @@ def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
     train.run("unet", out, stop(), resume=False, bundle=None, machine=machine)
     last = json.loads((out / "run.json").read_text())["runs"][-1]
     assert last["phase"] == "unet" and last["device_name"] == "cpu"
-    assert last["machine"] == {"device": "cpu", "workers": 2, "batch": 3, "cache": 6}
+    assert last["machine"] == {
+        "device": "cpu",
+        "workers": 2,
+        "batch": 3,
+        "cache": 6,
+        "checkpoint_minutes": None,
+    }
     # config.json keeps the run's own settings; the cache was built at this run's size.
     assert train.TrainConfig.from_json((out / "config.json").read_text()) == config
     with train.safe_open(out / "cache" / "unet-latents.safetensors", "pt") as handle:
@@ -350,4 +356,6 @@ def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
         "seconds": 7.0,
     }
     assert machine.apply(config, "vae").vae_batch == 3
+    often = train.Machine(checkpoint_minutes=0.5).apply(config, "unet")
+    assert often.checkpoint_minutes == 0.5 and often.unet_batch == config.unet_batch
     assert machine.apply(config, "unet").unet_batch == 3
