@@ -147,6 +147,10 @@ def test_measure_and_write_report(pipe, tmp_path):
     assert report.feature_grids == {"up_blocks[1]": 8, "up_blocks[2]": 16}
     assert report.photo_move is not None and report.photo_move.size == (140, 90)
     assert report.photo_move.shift == (30, 5) and report.photo_move.steps == 2
+    # The tiny model's decoder self-attention runs on 4×4, 8×8 and 16×16 tokens.
+    assert list(report.attention_entropy[261]) == ["4×4", "8×8", "16×16"]
+    assert all(0.0 < v <= 1.0 for v in report.attention_entropy[261].values())
+    assert pipe.memory_bank.probe is None
 
     path = write_report(report, tmp_path / "docs")
     text = path.read_text()
@@ -154,6 +158,9 @@ def test_measure_and_write_report(pipe, tmp_path):
     assert "| VAE reconstruction PSNR, mean | 2 scenes |" in text
     assert "photo noise (128×64)" in text and "up_blocks[2] (16×16 cells)" in text
     assert "## Moving an object in a held-out photo" in text
+    assert (
+        "| decoder self-attention entropy, t = 261, 16×16 tokens (1 = uniform) | 1 scenes |" in text
+    )
     assert "| object shift asked, x / y | +30.0 px / +5.0 px |" in text
     for name in ("reconstruction", "samples", "photo-move"):
         figure = tmp_path / "docs" / "images" / f"demo-model-{name}.png"
@@ -161,6 +168,36 @@ def test_measure_and_write_report(pipe, tmp_path):
         assert figure.stat().st_size < model_report.MAX_FIGURE_BYTES
         with PIL.Image.open(figure) as im:
             im.verify()
+
+
+def test_normalised_entropy_is_one_for_uniform_and_zero_for_one_hot_attention():
+    from dragondiffusion.model_report import normalised_entropy
+
+    uniform = torch.full((2, 3, 16), 1 / 16)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[3, 5]]), 16).float()
+    torch.testing.assert_close(normalised_entropy(uniform), torch.ones(2, 3))
+    torch.testing.assert_close(normalised_entropy(one_hot), torch.zeros(1, 2), atol=1e-6, rtol=0)
+    half = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    assert normalised_entropy(half).item() == pytest.approx(0.5)
+
+
+def test_attention_entropy_sees_sharper_attention_when_keys_are_scaled_up(pipe):
+    """The measurement responds to the attention: larger logits give lower entropy."""
+    from dragondiffusion.model_report import attention_entropy
+
+    plain = attention_entropy(pipe, [0], 501)
+    layers = [m for n, m in pipe.unet.named_modules() if n.endswith("attn1")]
+    saved = [attn.to_k.weight.detach().clone() for attn in layers]
+    with torch.no_grad():
+        for attn in layers:
+            attn.to_k.weight.mul_(20.0)
+    try:
+        sharp = attention_entropy(pipe, [0], 501)
+    finally:
+        with torch.no_grad():
+            for attn, weight in zip(layers, saved, strict=True):
+                attn.to_k.weight.copy_(weight)
+    assert all(sharp[g] < plain[g] - 0.05 for g in plain), (plain, sharp)
 
 
 def test_save_figure_fits_the_byte_limit(tmp_path):

@@ -11,6 +11,7 @@ API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -50,6 +51,9 @@ class MemoryBank:
     composite_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     used: list[tuple[str, int, str]] = field(default_factory=list)
     log_use: bool = False
+    probe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
+    """Called by every bank layer with (layer, queries, keys), each (B, heads, tokens, dim) as
+    the attention uses them (diagnostics, e.g. `model_report.attention_entropy`)."""
 
     @property
     def layers(self) -> list[str]:
@@ -127,6 +131,8 @@ class MemoryBankProcessor:
 
         heads = attn.heads
         split = lambda x: x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        if bank.probe is not None:
+            bank.probe(self.layer, split(query), split(key))
         out = F.scaled_dot_product_attention(split(query), split(key), split(value))
         out = out.transpose(1, 2).reshape(batch, tokens, -1).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

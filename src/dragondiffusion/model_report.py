@@ -472,6 +472,8 @@ class ModelReport:
     """block → side of its grid on a native-resolution scene."""
     photo_move: PhotoMoveResult | None = None
     """The object moved in a held-out photo (figure "photo-move"); None when not measured."""
+    attention_entropy: dict[int, dict[str, float]] = field(default_factory=dict)
+    """timestep → token grid → mean normalised entropy of the decoder self-attention."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
@@ -485,6 +487,46 @@ def own_size(pipe, photo: PIL.Image.Image) -> PIL.Image.Image:
     """A photo at about its own area, sides rounded to the model's size multiple."""
     area = round(math.sqrt(photo.width * photo.height))
     return model_input(pipe, photo, pipe.working_size(photo.size, area))
+
+
+def normalised_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy of attention weights (…, T) over their last axis, divided by log T: 1 for uniform
+    attention (every token alike), 0 for attention on a single token."""
+    tokens = weights.shape[-1]
+    if tokens < 2:
+        return torch.zeros(weights.shape[:-1])
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+    return entropy / math.log(tokens)
+
+
+def attention_entropy(pipe, seeds: Sequence[int], timestep: int) -> dict[str, float]:
+    """Mean normalised entropy of the decoder self-attention (the memory bank's layers) on
+    held-out scenes noised to `timestep`, per token grid ("16×16", …). Near 1 the attention is
+    almost uniform: it pools the image rather than matching tokens, so swapping its keys and
+    values for another image's (the memory bank) cannot carry content to matching places."""
+    values: dict[str, list[float]] = {}
+
+    def probe(layer: str, query: torch.Tensor, key: torch.Tensor) -> None:
+        weights = torch.softmax(query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1)
+        side = round(math.sqrt(key.shape[-2]))
+        values.setdefault(f"{side}×{side}", []).append(normalised_entropy(weights).mean().item())
+
+    side = pipe.native_resolution
+    step = torch.tensor([timestep], device=pipe.device)
+    pipe.memory_bank.probe = probe
+    try:
+        for seed in seeds:
+            scene = scenes.random_scene(seed, side)
+            image = PIL.Image.fromarray(scenes.render(scene)[0])
+            latent = pipe.encode_latent(image, (side, side))
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+            noisy = pipe.scheduler.add_noise(latent, noise.to(latent), step)
+            with torch.no_grad():
+                pipe.unet(noisy, step, pipe.encode_text(scenes.caption(scene))[0])
+    finally:
+        pipe.memory_bank.probe = None
+    by_side = sorted(values.items(), key=lambda kv: int(kv[0].split("×")[0]))
+    return {grid: mean(v) for grid, v in by_side}
 
 
 def mean_correspondence(
@@ -548,6 +590,10 @@ def measure(
     coarse, fine = pipe.features.blocks
     grids = {f"up_blocks[{coarse}]": latent // 2, f"up_blocks[{fine}]": latent}
 
+    entropy_seeds = correspondence_seeds[:4]
+    log(f"decoder self-attention entropy: {len(entropy_seeds)} scenes at t = {list(timesteps)}")
+    entropy = {t: attention_entropy(pipe, entropy_seeds, t) for t in timesteps}
+
     log(f"text to image: {len(captions)} captions × {len(sample_seeds)} seeds, {steps} steps")
     samples = text_to_image(pipe, captions, sample_seeds, steps)
 
@@ -574,6 +620,7 @@ def measure(
         correspondence_scenes=len(correspondence_seeds),
         feature_grids=grids,
         photo_move=moved,
+        attention_entropy=entropy,
     )
     report.figures["reconstruction"] = contact_sheet(
         [[images[n], vae[n], trips[n]["plain"], trips[n]["bank"]] for n in trips],
@@ -665,6 +712,12 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 f"| feature correspondence error, t = {t}, {block} ({side}×{side} cells) | "
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | ≤ 1 cell |"
             )
+    for t, grids in report.attention_entropy.items():
+        for grid, value in grids.items():
+            lines.append(
+                f"| decoder self-attention entropy, t = {t}, {grid} tokens (1 = uniform) | "
+                f"{min(4, report.correspondence_scenes)} scenes | {value:.3f} | |"
+            )
     lines += [
         "",
         "PSNR compares with the input at the size the model sees. Inversion uses the scene's "
@@ -673,7 +726,10 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "scene moved by one cell of the coarse feature block (each image noised to t); "
         "for each object cell of the first image, the cell of the second with the highest "
         "cosine similarity of the decoder features the energies use; the mean distance to the "
-        "true cell, in cells of that block.",
+        "true cell, in cells of that block. Attention entropy: the entropy of the softmax "
+        "weights of the decoder self-attention layers (those the memory bank swaps) divided by "
+        "log(tokens); near 1 the attention is almost uniform, pooling the image instead of "
+        "matching tokens, so the memory bank cannot carry content to matching places.",
         "",
     ]
     titles = {
