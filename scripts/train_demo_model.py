@@ -537,16 +537,33 @@ def latent_cache(
     rebuilds it (about 30 ms per image on one core; `workers` processes render in parallel, with
     the same result). It lives on the VAE's device."""
     path = out / "cache" / "unet-latents.safetensors"
-    device = vae.device
+    cached = None
     if path.exists():
         with safe_open(path, "pt") as handle:
             metadata = handle.metadata()
         captions = json.loads(metadata["captions"])
         if metadata.get("encoder") == encoder and len(captions) == config.unet_cache:
-            tensors = load_file(path, device=str(device))
-            ids = tokenize(tokenizer, captions).to(device)
-            return LatentCache(tensors["mean"], tensors["std"], ids)
-        print("cache: another encoder or size; encoding it again", flush=True)
+            cached = load_file(path), captions
+        else:
+            print("cache: another encoder or size; encoding it again", flush=True)
+    if cached is None:
+        cached = encode_cache(config, vae, photos, workers)
+        tensors, captions = cached
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        metadata = {"captions": json.dumps(captions), "encoder": encoder}
+        save_file({k: v.cpu() for k, v in tensors.items()}, partial, metadata=metadata)
+        partial.replace(path)
+    tensors, captions = cached
+    device = vae.device
+    ids = tokenize(tokenizer, captions)
+    return LatentCache(tensors["mean"].to(device), tensors["std"].to(device), ids.to(device))
+
+
+def encode_cache(
+    config: TrainConfig, vae: AutoencoderKL, photos: list[Image.Image], workers: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The cache's posteriors {"mean", "std"} (fp16, on the VAE's device) and captions."""
     means, stds, captions = [], [], []
     chunk, started = 64, time.perf_counter()
     jobs = [
@@ -558,7 +575,7 @@ def latent_cache(
         chunks = pool.imap(render_chunk, jobs) if pool else map(render_chunk, jobs)
         for n, (images, texts) in enumerate(chunks):
             with torch.no_grad():
-                posterior = vae.encode(to_tensor(list(images)).to(device)).latent_dist
+                posterior = vae.encode(to_tensor(list(images)).to(vae.device)).latent_dist
             means.append(posterior.mean.half())
             stds.append(posterior.std.half())
             captions += texts
@@ -571,13 +588,7 @@ def latent_cache(
     finally:
         if pool:
             pool.terminate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
-    partial = path.with_suffix(".partial")
-    cpu = {k: v.cpu() for k, v in tensors.items()}
-    save_file(cpu, partial, metadata={"captions": json.dumps(captions), "encoder": encoder})
-    partial.replace(path)
-    return LatentCache(tensors["mean"], tensors["std"], tokenize(tokenizer, captions).to(device))
+    return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, captions
 
 
 def drop_captions(
@@ -733,6 +744,32 @@ class StopRule:
         return self.minutes is not None and seconds + seconds_per_step > 60.0 * self.minutes
 
 
+@dataclass(frozen=True)
+class Machine:
+    """Where a run trains and what it may change for this machine alone (not in config.json):
+    a larger batch and latent cache suit an accelerator; run.json records them."""
+
+    device: str = "cpu"
+    workers: int = 1
+    """Processes that render the latent cache's images."""
+    batch: int | None = None
+    """Replaces the phase's batch size (vae_batch or unet_batch) for this run."""
+    cache: int | None = None
+    """Replaces unet_cache for this run."""
+    checkpoint_minutes: float | None = None
+    """Replaces checkpoint_minutes for this run (a lent machine may be taken back mid-run)."""
+
+    def apply(self, config: TrainConfig, phase: str) -> TrainConfig:
+        changes: dict[str, float] = {}
+        if self.batch is not None:
+            changes["unet_batch" if phase == "unet" else "vae_batch"] = self.batch
+        if self.cache is not None:
+            changes["unet_cache"] = self.cache
+        if self.checkpoint_minutes is not None:
+            changes["checkpoint_minutes"] = self.checkpoint_minutes
+        return dataclasses.replace(config, **changes)
+
+
 def trim_log(log: Path, last_step: int) -> None:
     """Drop log lines after `last_step`: steps a crashed run did not checkpoint are redone."""
     if log.exists():
@@ -747,7 +784,7 @@ def run_phase(
     out: Path,
     stop: StopRule,
     resume: bool,
-    machine: Machine | None = None,
+    machine: Machine = Machine(),
 ) -> int:
     """Train until `stop` says so, checkpointing along the way; return the phase's step count.
 
@@ -817,7 +854,7 @@ def run_phase(
 
 
 def record_run(
-    out: Path, phase: str, first: int, last: int, seconds: float, machine: Machine | None = None
+    out: Path, phase: str, first: int, last: int, seconds: float, machine: Machine = Machine()
 ) -> None:
     """Append this run (steps, wall time, speed, threads, machine) to run.json and update phase
     totals."""
@@ -832,8 +869,8 @@ def record_run(
             "s_per_step": round(seconds / max(1, last - first), 3),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "machine": dataclasses.asdict(machine or Machine()),
-            "device_name": device_name((machine or Machine()).device),
+            "machine": dataclasses.asdict(machine),
+            "device_name": device_name(machine.device),
             "command": sys.argv,
         }
     )
@@ -1058,32 +1095,6 @@ def load_config(out: Path, smoke: bool) -> TrainConfig:
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(config.to_json() + "\n")
     return config
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where a run trains and what it may change for this machine alone (not in config.json):
-    a larger batch and latent cache suit an accelerator; run.json records them."""
-
-    device: str = "cpu"
-    workers: int = 1
-    """Processes that render the latent cache's images."""
-    batch: int | None = None
-    """Replaces the phase's batch size (vae_batch or unet_batch) for this run."""
-    cache: int | None = None
-    """Replaces unet_cache for this run."""
-    checkpoint_minutes: float | None = None
-    """Replaces checkpoint_minutes for this run (a lent machine may be taken back mid-run)."""
-
-    def apply(self, config: TrainConfig, phase: str) -> TrainConfig:
-        changes: dict[str, float] = {}
-        if self.batch is not None:
-            changes["unet_batch" if phase == "unet" else "vae_batch"] = self.batch
-        if self.cache is not None:
-            changes["unet_cache"] = self.cache
-        if self.checkpoint_minutes is not None:
-            changes["checkpoint_minutes"] = self.checkpoint_minutes
-        return dataclasses.replace(config, **changes)
 
 
 def run(

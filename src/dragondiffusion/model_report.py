@@ -45,6 +45,8 @@ SAMPLE_CAPTIONS = (
 """Captions for the text-to-image grid, in the scene captions' vocabulary."""
 CORRESPONDENCE_TIMESTEPS = (261, 501, 741)
 """Noise levels of the correspondence check: DIFT's t = 261 and two inside the guided steps."""
+ENTROPY_SCENES = 4
+"""Held-out scenes (the first correspondence seeds) for the attention entropy."""
 MAX_FIGURE_BYTES = 300_000
 
 
@@ -590,7 +592,7 @@ def measure(
     coarse, fine = pipe.features.blocks
     grids = {f"up_blocks[{coarse}]": latent // 2, f"up_blocks[{fine}]": latent}
 
-    entropy_seeds = correspondence_seeds[:4]
+    entropy_seeds = correspondence_seeds[:ENTROPY_SCENES]
     log(f"decoder self-attention entropy: {len(entropy_seeds)} scenes at t = {list(timesteps)}")
     entropy = {t: attention_entropy(pipe, entropy_seeds, t) for t in timesteps}
 
@@ -716,7 +718,7 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         for grid, value in grids.items():
             lines.append(
                 f"| decoder self-attention entropy, t = {t}, {grid} tokens (1 = uniform) | "
-                f"{min(4, report.correspondence_scenes)} scenes | {value:.3f} | |"
+                f"{min(ENTROPY_SCENES, report.correspondence_scenes)} scenes | {value:.3f} | |"
             )
     lines += [
         "",
