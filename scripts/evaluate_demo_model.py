@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo_model import HELD_OUT_PHOTOS, TRAIN_SEED_FLOOR, load_photos
+from train_demo_model import HELD_OUT_PHOTOS, TRAIN_SEED_FLOOR, load_photos, training_summary
 
 from dragondiffusion import load
 from dragondiffusion.errors import InputError
@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {PHOTO_MOVE_RESOLUTION}: 384×256 for the 600×400 coffee photo)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=Path("training/demo-model"),
+        help="training run folder whose run.json is summarised (training/demo-model; "
+        "skipped when it has none)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
@@ -69,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"evaluate_demo_model: error: {err}", file=sys.stderr)
         return 2
-    path = write_report(report, args.out)
+    run_json = args.run / "run.json"
+    appendix = training_summary(run_json) if run_json.is_file() else ""
+    path = write_report(report, args.out, appendix)
     print(path.read_text())
     print(f"wrote {path} in {report.seconds / 60:.1f} minutes")
     return 0

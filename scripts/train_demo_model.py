@@ -882,6 +882,42 @@ def record_run(
     path.write_text(json.dumps(runs, indent=2) + "\n")
 
 
+def training_summary(path: Path) -> str:
+    """A markdown section from a run.json: per phase and device, the runs that trained the phase's
+    current checkpoint (from its last fresh start on): steps, hours, samples seen, speed."""
+    runs = json.loads(path.read_text())["runs"]
+    config_path = path.parent / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    lines = [
+        "",
+        "## Training",
+        "",
+        f"From `{path.as_posix()}` (every run of `scripts/train_demo_model.py`; runs before a "
+        "phase's last fresh start trained a checkpoint that was discarded and are left out).",
+        "",
+        "| phase | device | runs | steps | hours | batch | samples | s / step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for phase in ("vae", "decoder", "unet"):
+        mine = [r for r in runs if r["phase"] == phase]
+        fresh = [i for i, r in enumerate(mine) if r["steps"][0] == 0]
+        mine = mine[fresh[-1] :] if fresh else mine
+        groups: dict[tuple[str, int], list[dict]] = {}
+        for r in mine:
+            device = r.get("device_name") or ("cpu" if "+cpu" in r["torch"] else r["torch"])
+            default = config.get("unet_batch" if phase == "unet" else "vae_batch", 0)
+            batch = (r.get("machine") or {}).get("batch") or default
+            groups.setdefault((device, batch), []).append(r)
+        for (device, batch), group in groups.items():
+            steps = sum(r["steps"][1] - r["steps"][0] for r in group)
+            seconds = sum(r["seconds"] for r in group)
+            lines.append(
+                f"| {phase} | {device} | {len(group)} | {steps} | {seconds / 3600:.2f} | "
+                f"{batch} | {steps * batch} | {seconds / max(1, steps):.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))

@@ -1,7 +1,8 @@
 """Quality of the trained embedded model on held-out scenes (slow; needs the bundle in the package).
 
-Thresholds are issue 5's targets; once docs/demo-model.md holds measured numbers, set each a
-little below what was measured.
+Thresholds sit a little below what was measured on these subsets (2026-11-26, the bundle of
+UNet step 11273; docs/demo-model.md has the same measurements on more scenes), so a worse model
+fails. Where issue 5's target is not met, a strict xfail says so and turns red once it is met.
 """
 
 import numpy as np
@@ -46,7 +47,7 @@ def scene_image(seed: int, size: int) -> tuple[PIL.Image.Image, str]:
 def test_vae_reconstructs_held_out_scenes(embedded):
     images = [scene_image(s, embedded.native_resolution)[0] for s in SEEDS]
     values = [psnr(as_array(vae_round_trip(embedded, im)), as_array(im)) for im in images]
-    assert mean(values) >= 30.0, values
+    assert mean(values) >= 31.0, values  # measured 31.7 (target 30)
 
 
 def test_inversion_round_trip_with_the_bank_reconstructs(embedded):
@@ -55,10 +56,22 @@ def test_inversion_round_trip_with_the_bank_reconstructs(embedded):
         image, caption = scene_image(seed, embedded.native_resolution)
         out = inversion_round_trip(embedded, image, caption, steps=50)["bank"]
         values.append(psnr(as_array(out), as_array(image)))
-    assert mean(values) >= 25.0, values
+    assert mean(values) >= 30.0, values  # measured 31.1 (target 25)
 
 
-def test_decoder_features_find_shifted_objects(embedded):
-    errors = mean_correspondence(embedded, SEEDS, timestep=261)
-    assert all(np.isfinite(list(errors.values())))
-    assert max(errors.values()) <= 1.0, errors
+@pytest.fixture(scope="module")
+def correspondence(embedded):
+    return mean_correspondence(embedded, SEEDS, timestep=261)
+
+
+def test_decoder_features_find_shifted_objects(correspondence):
+    assert all(np.isfinite(list(correspondence.values())))
+    assert correspondence["up_blocks[2]"] <= 0.3, correspondence  # measured 0.12 cells
+    assert correspondence["up_blocks[1]"] <= 1.6, correspondence  # measured 1.36 cells
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 5 target not met: the 8x8 block's error is 1.36 cells (> 1)"
+)
+def test_every_energy_block_within_one_cell(correspondence):
+    assert max(correspondence.values()) <= 1.0, correspondence

@@ -6,6 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+
+from dragondiffusion import models
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -42,3 +46,30 @@ def test_package_data_ships_every_file_of_a_saved_bundle(tmp_path, tiny_bundle):
     assert "demo_model/unet/diffusion_pytorch_model.safetensors" in wanted
     assert "demo_model/model_index.json" in wanted
     assert shipped(package, package_data()) == wanted
+
+
+def test_the_embedded_bundle_is_shipped_whole_and_within_its_size_budget():
+    package = ROOT / "src" / "dragondiffusion"
+    bundle = package / "demo_model"
+    files = {p.relative_to(package).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert "demo_model/model_index.json" in files
+    assert files == {f for f in shipped(package, package_data()) if f.startswith("demo_model/")}
+    assert sum((package / f).stat().st_size for f in files) <= models.EMBEDDED_MAX_BYTES
+
+
+def test_the_embedded_model_loads_by_default_and_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    import dragondiffusion
+
+    pipe = dragondiffusion.load(device="cpu")
+    assert pipe.model_name == models.EMBEDDED_NAME
+    # The bundle's own edit defaults apply (no CFG on the small model).
+    assert pipe.edit_defaults.weights("move").guidance_scale == 1.0
+    assert pipe.unet.dtype == torch.float32  # fp16 on disk, float32 on the CPU
+    plain = StableDiffusionPipeline.from_pretrained(models.EMBEDDED_MODEL, safety_checker=None)
+    assert plain.unet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    with safe_open(
+        models.EMBEDDED_MODEL / "unet" / "diffusion_pytorch_model.safetensors", "pt"
+    ) as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (fp16)

@@ -359,3 +359,34 @@ def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
     often = train.Machine(checkpoint_minutes=0.5).apply(config, "unet")
     assert often.checkpoint_minutes == 0.5 and often.unet_batch == config.unet_batch
     assert machine.apply(config, "unet").unet_batch == 3
+
+
+def test_training_summary_counts_only_the_runs_behind_each_current_checkpoint(train, tmp_path):
+    def run(phase, first, last, seconds, **extra):
+        return {
+            "phase": phase,
+            "steps": [first, last],
+            "seconds": seconds,
+            "torch": "2+cpu",
+        } | extra
+
+    gpu = {"device_name": "GPU X", "machine": {"device": "cuda", "batch": 256}}
+    runs = [
+        run("vae", 0, 100, 3600.0),
+        run("unet", 0, 50, 999.0),  # discarded: the unet phase started afresh later
+        run("unet", 0, 40, 1800.0),
+        run("unet", 40, 1040, 360.0, **gpu),
+        run("unet", 1040, 2040, 360.0, **gpu),
+    ]
+    (tmp_path / "run.json").write_text(json.dumps({"runs": runs, "totals": {}}))
+    (tmp_path / "config.json").write_text(json.dumps({"vae_batch": 16, "unet_batch": 32}))
+    rows = [
+        line.split(" | ")
+        for line in train.training_summary(tmp_path / "run.json").splitlines()
+        if line.startswith("| vae |") or line.startswith("| unet |")
+    ]
+    assert [r[1:7] for r in rows] == [
+        ["cpu", "1", "100", "1.00", "16", "1600"],
+        ["cpu", "1", "40", "0.50", "32", "1280"],
+        ["GPU X", "2", "2000", "0.20", "256", "512000"],
+    ]

@@ -792,12 +792,13 @@ def photo_move_section(result: PhotoMoveResult, figure: str | None) -> list[str]
     return lines
 
 
-def write_report(report: ModelReport, out: str | Path) -> Path:
-    """Write out/demo-model.md and its figures out/images/demo-model-<name>.png; return the md."""
+def write_report(report: ModelReport, out: str | Path, appendix: str = "") -> Path:
+    """Write out/demo-model.md (then `appendix`) and its figures out/images/demo-model-<name>.png;
+    return the md."""
     out = Path(out)
     images = {}
     for name, figure in report.figures.items():
         save_figure(figure, out / "images" / f"demo-model-{name}.png")
         images[name] = f"images/demo-model-{name}.png"
-    text = markdown(report, images)
+    text = markdown(report, images) + appendix
     return atomic_write(out / "demo-model.md", lambda tmp: Path(tmp).write_text(text, "utf-8"))

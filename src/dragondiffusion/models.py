@@ -21,6 +21,10 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 EMBEDDED_MODEL = Path(__file__).parent / "demo_model"
+EMBEDDED_NAME = "dragondiffusion/demo_model"
+"""The embedded model's name in records and reports (its folder moves with the install)."""
+EMBEDDED_MAX_BYTES = 30_000_000
+"""Size budget of the embedded bundle (issue 5)."""
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -113,6 +117,7 @@ def load(
             f"could not load model {name!r}: {err}. Give a local bundle folder, or a hub id with "
             "network access (set HF_HUB_OFFLINE=1 to use only the local cache)"
         ) from err
-    pipe.model_name = name
+    embedded = local.exists() and local.resolve() == EMBEDDED_MODEL.resolve()
+    pipe.model_name = EMBEDDED_NAME if embedded else name
     pipe.edit_defaults = defaults
     return pipe.to(torch_device)
