@@ -402,6 +402,31 @@ def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
             assert same, (a["edit"], a["case"], a["variant"], key, a[key], b[key])
 
 
+def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
+    tmp_path, tiny_bundle, monkeypatch
+):
+    produced = []
+    real = quality.produce
+
+    def produce_then_stop(pipe, case, variant, *args):
+        if len(produced) == 3:  # the second case's first variant: cut off like a time limit
+            raise KeyboardInterrupt
+        produced.append(variant.name)
+        return real(pipe, case, variant, *args)
+
+    monkeypatch.setattr(quality, "produce", produce_then_stop)
+    settings = quality.Settings(
+        model=str(tiny_bundle), n=2, edits=("move",), modes=("diffeditor",), steps=2,
+        ablations=(), baseline=False, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        quality.quality(settings, tmp_path / "out", docs=None, log=lambda _: None)
+    saved = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert saved["status"] == "incomplete"
+    assert [(r["case"], r["variant"]) for r in saved["results"]] == [(1, v) for v in produced]
+    assert len(saved["table"]) == len(produced)  # one row per variant, from case 1 alone
+
+
 def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     base = ["bench", "quality", "--model", str(tiny_bundle), "--no-docs"]

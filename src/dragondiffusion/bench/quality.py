@@ -295,11 +295,17 @@ class QualityRun:
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
 
-def run(pipe: DragonPipeline, settings: Settings, log: Callable[[str], None] = print) -> QualityRun:
+def run(
+    pipe: DragonPipeline,
+    settings: Settings,
+    log: Callable[[str], None] = print,
+    after_case: Callable[[QualityRun], None] | None = None,
+) -> QualityRun:
     """Run every case of every edit through every variant and measure it (no files written).
 
     Scenes are rendered at the model's native resolution; the first case of each edit is kept
-    for the contact sheet.
+    for the contact sheet. `after_case` gets the run so far after each case (to save partial
+    results).
     """
     size = pipe.native_resolution
     cell_px = cell_pixels(pipe, size)
@@ -332,7 +338,9 @@ def run(pipe: DragonPipeline, settings: Settings, log: Callable[[str], None] = p
                 log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}")
             if k == 1:
                 result.examples.append((case, outputs))
-    result.seconds = time.perf_counter() - started
+            result.seconds = time.perf_counter() - started
+            if after_case is not None:
+                after_case(result)
     return result
 
 
@@ -365,7 +373,13 @@ def quality(
     write_text(
         folder / SUMMARY, summary(QualityRun(settings, name, str(pipe.device), 0), "incomplete")
     )
-    done = run(pipe, settings, log)
+    # quality.json holds every finished case, so a run cut short (a time limit) still counts.
+    done = run(
+        pipe,
+        settings,
+        log,
+        lambda partial: write_text(folder / SUMMARY, summary(partial, "incomplete")),
+    )
     text = section(done)
     atomic_write(
         folder / "contact_sheet.png", lambda tmp: sheet(done).save(tmp, "PNG", optimize=True)
