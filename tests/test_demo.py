@@ -126,6 +126,17 @@ def test_demo_prints_progress_and_a_timing_table(demo_run):
         assert edit["record"]["steps"] == 2
 
 
+def test_demo_names_the_embedded_model_by_name_not_by_its_install_path(
+    tmp_path, tiny_bundle, monkeypatch
+):
+    monkeypatch.setattr(models, "EMBEDDED_MODEL", tiny_bundle)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["demo", "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
+    assert json.loads((out / "demo.json").read_text())["model"] == models.EMBEDDED_NAME
+    assert str(tiny_bundle) not in (out / "index.html").read_text()
+
+
 def test_demo_without_model_and_without_embedded_bundle_is_a_clear_error(
     tmp_path, monkeypatch, capsys
 ):

@@ -410,6 +410,7 @@ def demo(
     pipe = load(name, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
+    name = pipe.model_name  # the embedded model by its name, not this install's path
     log(f"loaded in {load_seconds:.1f} s on {pipe.device}; writing to {folder}/")
     write_text(folder / SUMMARY, summary([], name, load_seconds, "incomplete"))
     chosen = examples(pipe.native_resolution)
