@@ -488,3 +488,43 @@ def test_embedded_model_beats_the_baseline_on_the_vacated_area(embedded_rows):
             embedded_rows[(METHOD, edit)]["vacated_psnr"]
             > embedded_rows[(NAIVE, edit)]["vacated_psnr"]
         )
+
+
+def test_set_adds_one_method_row_per_combination_of_weights():
+    settings = quality.Settings(
+        edits=("move", "resize"), modes=("dragon", "diffeditor"), ablations=(), baseline=False,
+        sweep=(("energy_scale", (4000.0, 8000.0)), ("w_edit", (2.0,))),
+    )  # fmt: skip
+    added = settings.variants()[4:]
+    assert [(v.mode, v.weights) for v in added] == [
+        ("dragon", (("energy_scale", 4000.0), ("w_edit", 2.0))),
+        ("dragon", (("energy_scale", 8000.0), ("w_edit", 2.0))),
+    ]
+    assert added[0].label == "dragon energy_scale=4000, w_edit=2"
+    assert settings.command().endswith("--set energy_scale=4000,8000 --set w_edit=2")
+
+
+def test_set_refuses_unknown_weights_and_bad_values(capsys, tiny_bundle):
+    with pytest.raises(InputError, match=r"w_inpaint.*appearance has no such weight.*w_content"):
+        quality.Settings(edits=("move", "appearance"), sweep=(("w_inpaint", (1.0,)),))
+    with pytest.raises(InputError, match="finite values"):
+        quality.Settings(edits=("move",), sweep=(("k", (math.nan,)),))
+    for bad in ("energy_scale", "energy_scale=", "=1", "energy_scale=a,b"):
+        code = main(["bench", "quality", "--model", str(tiny_bundle), "--set", bad])
+        assert code == 2
+        assert "write NAME=V1,V2" in capsys.readouterr().err
+
+
+def test_set_rows_run_with_their_weights(tiny_bundle):
+    import dragondiffusion
+
+    pipe = dragondiffusion.load(tiny_bundle, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    settings = quality.Settings(
+        model=str(tiny_bundle), n=1, edits=("move",), modes=("dragon",), steps=2, ablations=(),
+        baseline=False, sweep=(("energy_scale", (0.0, 5000.0)),),
+    )  # fmt: skip
+    done = quality.run(pipe, settings, log=lambda _: None)
+    psnr_of = {r["variant"]: r["image_psnr"] for r in done.results}
+    # Energy scale 0 switches guidance off: the output differs from the guided one.
+    assert psnr_of["set energy_scale=0"] != psnr_of["set energy_scale=5000"]

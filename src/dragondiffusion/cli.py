@@ -179,6 +179,15 @@ def add_bench_parser(sub) -> None:
     )
     quality.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     quality.add_argument(
+        "--set",
+        dest="sweep",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="try these values of an edit weight (e.g. energy_scale=4000,8000): one row of the "
+        "method in the first mode per combination; repeatable",
+    )
+    quality.add_argument(
         "--out", default="quality-bench", help="output folder (default quality-bench)"
     )
     quality.add_argument(
@@ -266,6 +275,18 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, args.model, args.steps, args.device, args.dtype)
 
 
+def weight_values(text: str) -> tuple[str, tuple[float, ...]]:
+    """`NAME=V1,V2,...` of `bench quality --set` → (NAME, (V1, V2, ...))."""
+    name, sep, values = text.partition("=")
+    try:
+        numbers = tuple(float(v) for v in values.split(","))
+    except ValueError:
+        numbers = ()
+    if not sep or not name.strip() or not numbers:
+        raise InputError(f"--set {text!r}: write NAME=V1,V2,... e.g. energy_scale=4000,8000")
+    return name.strip(), numbers
+
+
 def run_bench(args: argparse.Namespace) -> None:
     try:
         from .bench import quality
@@ -285,6 +306,7 @@ def run_bench(args: argparse.Namespace) -> None:
         baseline=not args.no_baseline,
         device=args.device,
         dtype=args.dtype,
+        sweep=tuple(weight_values(text) for text in args.sweep),
     )
     quality.quality(settings, args.out, None if args.no_docs else args.docs)
 

@@ -31,6 +31,8 @@ a mean; an infinite PSNR makes the mean infinite):
 from __future__ import annotations
 
 import datetime
+import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..demo import prepare_output, run_example, write_text
+from ..edit_defaults import WEIGHTS
 from ..errors import InputError
 from ..features import energy_grid
 from ..geometry import dilate
@@ -149,6 +152,9 @@ class Settings:
     baseline: bool = True
     device: str | None = None
     dtype: str | None = None
+    sweep: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    """Weights to try (`--set NAME=V1,V2`): one row of the method in the first mode per
+    combination of the values, the other weights at the model's defaults."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -165,6 +171,16 @@ class Settings:
         require_known(self.edits, EDITS, "--edits")
         require_known(self.modes, MODES, "--mode")
         require_known(self.ablations, ABLATIONS, "--ablations", empty=True)
+        for name, values in self.sweep:
+            for edit in self.edits:
+                known = WEIGHTS["move" if edit == "resize" else edit].__dataclass_fields__
+                if name not in known:
+                    raise InputError(
+                        f"--set {name}: {edit} has no such weight; its weights are "
+                        f"{', '.join(known)}"
+                    )
+            if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+                raise InputError(f"--set {name}: give finite values ≥ 0, e.g. {name}=1,2")
 
     @property
     def fewer(self) -> int:
@@ -177,6 +193,12 @@ class Settings:
         rows = [IDENTITY, EXACT, *([BASELINE] if self.baseline else [])]
         rows += [Variant(m, m, m, self.steps) for m in self.modes]
         rows += [ablation(a, self.modes[0], self.steps, self.fewer) for a in self.ablations]
+        names = [name for name, _ in self.sweep]
+        for combo in itertools.product(*(values for _, values in self.sweep)):
+            weights = tuple(zip(names, combo, strict=True))
+            text = ", ".join(f"{n}={v:g}" for n, v in weights)
+            mode = self.modes[0]
+            rows.append(Variant(f"set {text}", f"{mode} {text}", mode, self.steps, weights=weights))
         return rows
 
     def command(self) -> str:
@@ -196,6 +218,7 @@ class Settings:
             parts.append(f"--fewer-steps {self.fewer}")
         if not self.baseline:
             parts.append("--no-baseline")
+        parts += [f"--set {n}={','.join(f'{v:g}' for v in values)}" for n, values in self.sweep]
         return " ".join(parts)
 
 
