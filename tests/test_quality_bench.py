@@ -528,3 +528,8 @@ def test_set_rows_run_with_their_weights(tiny_bundle):
     psnr_of = {r["variant"]: r["image_psnr"] for r in done.results}
     # Energy scale 0 switches guidance off: the output differs from the guided one.
     assert psnr_of["set energy_scale=0"] != psnr_of["set energy_scale=5000"]
+
+
+def test_no_set_adds_no_rows():
+    plain = quality.Settings(ablations=())
+    assert [v.name for v in plain.variants()] == ["identity", "exact", "baseline", *quality.MODES]

@@ -194,7 +194,8 @@ class Settings:
         rows += [Variant(m, m, m, self.steps) for m in self.modes]
         rows += [ablation(a, self.modes[0], self.steps, self.fewer) for a in self.ablations]
         names = [name for name, _ in self.sweep]
-        for combo in itertools.product(*(values for _, values in self.sweep)):
+        combos = itertools.product(*(values for _, values in self.sweep)) if names else ()
+        for combo in combos:
             weights = tuple(zip(names, combo, strict=True))
             text = ", ".join(f"{n}={v:g}" for n, v in weights)
             mode = self.modes[0]
