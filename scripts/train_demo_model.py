@@ -520,6 +520,21 @@ _WORKER_PHOTOS: list[Image.Image] = []
 """The training photos, set before the cache's worker processes fork."""
 
 
+def _worker_signals() -> None:
+    """In each render worker: SIGTERM back to its default, so that `Pool.terminate` ends the
+    worker even when the parent has installed a StopRule (fork copies its handler, which only
+    sets a flag: the pool's join then waited forever); SIGINT ignored (the parent handles it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def render_pool(workers: int) -> Any:
+    """A pool of `workers` forked render processes (None for one: render in this process)."""
+    if workers <= 1:
+        return None
+    return mp.get_context("fork").Pool(workers, initializer=_worker_signals)
+
+
 def latent_cache(
     config: TrainConfig,
     vae: AutoencoderKL,
@@ -570,7 +585,7 @@ def encode_cache(
         (config, f, min(chunk, config.unet_cache - f)) for f in range(0, config.unet_cache, chunk)
     ]
     _WORKER_PHOTOS[:] = photos
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    pool = render_pool(workers)
     try:
         chunks = pool.imap(render_chunk, jobs) if pool else map(render_chunk, jobs)
         for n, (images, texts) in enumerate(chunks):

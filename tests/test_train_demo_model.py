@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -390,3 +391,39 @@ def test_training_summary_counts_only_the_runs_behind_each_current_checkpoint(tr
         ["cpu", "1", "40", "0.50", "32", "1280"],
         ["GPU X", "2", "2000", "0.20", "256", "512000"],
     ]
+
+
+def test_render_workers_end_even_when_a_stop_rule_handles_sigterm(train):
+    # StopRule.install() swallows SIGTERM (it only sets a flag) and forked workers inherited it,
+    # so Pool.terminate() could wait forever for them (a CI run hung so). Run in a child process.
+    program = f"""
+import importlib.util, multiprocessing, os, signal, sys, time
+spec = importlib.util.spec_from_file_location("train_demo_model", {str(SCRIPT)!r})
+train = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = train
+spec.loader.exec_module(train)
+train.StopRule(minutes=None, max_steps=None).install()
+pool = train.render_pool(2)
+assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+pool.terminate()  # sends SIGTERM to the workers and joins them
+pool.join()
+
+def worker():
+    train._worker_signals()  # what render_pool's workers run first
+    time.sleep(60)
+
+process = multiprocessing.get_context("fork").Process(target=worker)
+process.start()
+time.sleep(1)
+os.kill(process.pid, signal.SIGTERM)
+process.join(timeout=20)
+print(process.exitcode, flush=True)
+if process.exitcode is None:
+    process.kill()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "-15"  # ended by the signal, not still waiting
+    assert train.render_pool(1) is None  # one worker: render in this process
