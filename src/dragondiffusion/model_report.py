@@ -137,17 +137,23 @@ def shifted(scene: scenes.Scene, dx: float, dy: float) -> scenes.Scene:
 
 
 @torch.no_grad()
+def noised_latent(
+    pipe, image: np.ndarray, timestep: int, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image's latent (`pipe.encode_latent` at the image's size) noised to `timestep` with
+    `noise` (1, C, H/8, W/8), and the timestep as a tensor for the UNet."""
+    z0 = pipe.encode_latent(PIL.Image.fromarray(image), (image.shape[1], image.shape[0]))
+    t = torch.tensor([timestep], device=pipe.device)
+    return pipe.scheduler.add_noise(z0, noise.to(z0.device, z0.dtype), t), t
+
+
+@torch.no_grad()
 def decoder_features(
     pipe, image: np.ndarray, prompt: str, timestep: int, noise: torch.Tensor
 ) -> list[torch.Tensor]:
     """The energies' decoder feature maps, each (C, h, w) at its block's own resolution, of the
     image's latent noised to `timestep` with `noise` (1, 4, H/8, W/8)."""
-    size = (image.shape[1], image.shape[0])
-    x = pipe.image_processor.preprocess(PIL.Image.fromarray(image), height=size[1], width=size[0])
-    z0 = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-    z0 = z0 * pipe.vae.config.scaling_factor
-    t = torch.tensor([timestep], device=pipe.device)
-    zt = pipe.scheduler.add_noise(z0, noise.to(z0.device, z0.dtype), t)
+    zt, t = noised_latent(pipe, image, timestep, noise)
     text = pipe.encode_text(prompt)[0]
     return [m[0].float() for m in pipe.features(zt, t, text)]
 
@@ -514,15 +520,14 @@ def attention_entropy(pipe, seeds: Sequence[int], timestep: int) -> dict[str, fl
         values.setdefault(f"{side}×{side}", []).append(normalised_entropy(weights).mean().item())
 
     side = pipe.native_resolution
-    step = torch.tensor([timestep], device=pipe.device)
+    latent = side // pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, latent, latent)
     pipe.memory_bank.probe = probe
     try:
         for seed in seeds:
             scene = scenes.random_scene(seed, side)
-            image = PIL.Image.fromarray(scenes.render(scene)[0])
-            latent = pipe.encode_latent(image, (side, side))
-            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-            noisy = pipe.scheduler.add_noise(latent, noise.to(latent), step)
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            noisy, step = noised_latent(pipe, scenes.render(scene)[0], timestep, noise)
             with torch.no_grad():
                 pipe.unet(noisy, step, pipe.encode_text(scenes.caption(scene))[0])
     finally:
