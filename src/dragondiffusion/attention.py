@@ -131,9 +131,10 @@ class MemoryBankProcessor:
 
         heads = attn.heads
         split = lambda x: x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        query, key, value = split(query), split(key), split(value)
         if bank.probe is not None:
-            bank.probe(self.layer, split(query), split(key))
-        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
+            bank.probe(self.layer, query, key)
+        out = F.scaled_dot_product_attention(query, key, value)
         out = out.transpose(1, 2).reshape(batch, tokens, -1).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
