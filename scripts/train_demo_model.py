@@ -917,10 +917,10 @@ def training_summary(path: Path) -> str:
         mine = [r for r in runs if r["phase"] == phase]
         fresh = [i for i, r in enumerate(mine) if r["steps"][0] == 0]
         mine = mine[fresh[-1] :] if fresh else mine
+        default = config.get("unet_batch" if phase == "unet" else "vae_batch", 0)
         groups: dict[tuple[str, int], list[dict]] = {}
         for r in mine:
             device = r.get("device_name") or ("cpu" if "+cpu" in r["torch"] else r["torch"])
-            default = config.get("unet_batch" if phase == "unet" else "vae_batch", 0)
             batch = (r.get("machine") or {}).get("batch") or default
             groups.setdefault((device, batch), []).append(r)
         for (device, batch), group in groups.items():
