@@ -444,11 +444,15 @@ class Denoiser:
     scheduler: DDIMScheduler
     """Only its noise schedule is used, to noise latents (SD 1.5's, as in the bundle)."""
 
+    def encode(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B, tokens, hidden) caption embeddings the UNet attends to, for token ids."""
+        return self.text_encoder(ids.to(device))[0]
+
 
 def denoising_loss(
     model: Denoiser,
     latents: torch.Tensor,
-    ids: torch.Tensor,
+    context: torch.Tensor,
     generator: torch.Generator,
     timesteps: torch.Tensor | None = None,
     min_snr_gamma: float | None = None,
@@ -456,8 +460,8 @@ def denoising_loss(
     """SD's objective: MSE between the noise added at random timesteps and the UNet's estimate
     (per sample weighted by min(SNR, γ) / SNR when `min_snr_gamma` is γ).
 
-    ids: the captions' token ids (`tokenize`). The noise and timesteps are drawn on the
-    generator's device and moved to the latents'."""
+    context: the captions' embeddings (`Denoiser.encode`). The noise and timesteps are drawn on
+    the generator's device and moved to the latents'."""
     where = {"generator": generator, "device": generator.device}
     if timesteps is None:
         steps = model.scheduler.config.num_train_timesteps
@@ -465,8 +469,7 @@ def denoising_loss(
     noise = torch.randn(latents.shape, **where).to(latents.device)
     timesteps = timesteps.to(latents.device)
     noisy = model.scheduler.add_noise(latents, noise, timesteps)
-    context = model.text_encoder(ids.to(latents.device))[0]
-    prediction = model.unet(noisy, timesteps, context).sample
+    prediction = model.unet(noisy, timesteps, context.to(latents.device)).sample
     if min_snr_gamma is None:
         return torch.nn.functional.mse_loss(prediction.float(), noise)
     errors = ((prediction.float() - noise) ** 2).flatten(1).mean(dim=1)
@@ -492,20 +495,33 @@ def encode_latents(
 @dataclass(frozen=True)
 class LatentCache:
     """VAE posteriors (mean, std; fp16, unscaled) of a fixed set of training images, with their
-    captions' token ids; all on the training device."""
+    captions' token ids, and optionally the captions' embeddings (while the text encoder is
+    frozen, computed once); all on the training device."""
 
     mean: torch.Tensor
     std: torch.Tensor
     ids: torch.Tensor
+    contexts: torch.Tensor | None = None
 
     def batch(
         self, rng: np.random.Generator, size: int, generator: torch.Generator, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`size` random entries: latents sampled from their posteriors and scaled, token ids."""
+        """`size` random entries: latents sampled from their posteriors and scaled, and the
+        captions: their embeddings where the cache holds them, else their token ids."""
         index = torch.from_numpy(rng.integers(len(self.ids), size=size)).to(self.mean.device)
         mean, std = self.mean[index].float(), self.std[index].float()
         noise = torch.randn(mean.shape, generator=generator, device=generator.device)
-        return (mean + std * noise.to(mean.device)) * scale, self.ids[index]
+        captions = self.ids if self.contexts is None else self.contexts
+        return (mean + std * noise.to(mean.device)) * scale, captions[index]
+
+    def with_contexts(self, model: Denoiser, dtype: torch.dtype, chunk: int = 1024) -> LatentCache:
+        """This cache with every caption's embedding by `model`'s (frozen) text encoder."""
+        with torch.no_grad():
+            parts = [
+                model.encode(self.ids[i : i + chunk], self.ids.device).to(dtype)
+                for i in range(0, len(self.ids), chunk)
+            ]
+        return dataclasses.replace(self, contexts=torch.cat(parts))
 
 
 def render_chunk(job: tuple[TrainConfig, int, int]) -> tuple[np.ndarray, list[str]]:
@@ -609,10 +625,11 @@ def encode_cache(
 def drop_captions(
     ids: torch.Tensor, empty: torch.Tensor, rng: np.random.Generator, rate: float
 ) -> torch.Tensor:
-    """Token ids with each caption replaced by the empty one (`empty`, (tokens,)) with
-    probability `rate` (for classifier-free guidance)."""
+    """Captions (token ids (B, tokens) or embeddings (B, tokens, hidden)) with each replaced by
+    the empty caption's (`empty`, one row) with probability `rate` (for classifier-free
+    guidance)."""
     dropped = torch.from_numpy(rng.random(len(ids)) < rate).to(ids.device)
-    return torch.where(dropped[:, None], empty.to(ids.device), ids)
+    return torch.where(dropped.view(-1, *[1] * empty.dim()), empty.to(ids.device), ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,6 +790,10 @@ class Machine:
     """Replaces unet_cache for this run."""
     checkpoint_minutes: float | None = None
     """Replaces checkpoint_minutes for this run (a lent machine may be taken back mid-run)."""
+    frozen_text: bool = False
+    """unet phase: train the UNet alone; the text encoder stays as it is, and the latent
+    cache's caption embeddings are computed once (its forward and backward passes cost about as
+    much as the UNet's at 77 tokens)."""
 
     def apply(self, config: TrainConfig, phase: str) -> TrainConfig:
         changes: dict[str, float] = {}
@@ -1024,13 +1045,19 @@ def require_same_encoder(out: Path) -> str:
 
 
 def unet_phase(
-    config: TrainConfig, parts: dict[str, Any], out: Path, rebase: bool, workers: int = 1
+    config: TrainConfig,
+    parts: dict[str, Any],
+    out: Path,
+    rebase: bool,
+    workers: int = 1,
+    frozen_text: bool = False,
 ) -> Phase:
     """The UNet and text encoder on the frozen VAE's latents.
 
     rebase: the encoder changed since the UNet's checkpoint (the vae phase ran on): keep the
     UNet's weights, measure the latents' scale again and re-encode the cache, and train on.
-    workers: processes that render the latent cache's images."""
+    workers: processes that render the latent cache's images. frozen_text: train the UNet
+    alone (`Machine.frozen_text`)."""
     vae = load_frozen_vae(out, parts["vae"])
     photos = load_photos(TRAIN_PHOTOS)
     previous = checkpoint_path(out, "unet")
@@ -1050,30 +1077,41 @@ def unet_phase(
     eval_ids = tokenize(tokenizer, eval_captions)
     eval_steps = torch.linspace(50, 950, len(eval_latents)).long()
     empty = tokenize(tokenizer, [""])[0]
+    model.text_encoder.requires_grad_(not frozen_text)
 
     cache = None
     if config.unet_cache:
         cache = latent_cache(config, vae, tokenizer, photos, out, encoder, workers)
+        if frozen_text:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            cache = cache.with_contexts(model, dtype)
+    if frozen_text:
+        with torch.no_grad():
+            empty = model.encode(empty[None], device)[0]
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = batch_rng(config, "unet", step)
         generator = torch.Generator(device).manual_seed(step)
         if cache is not None:
-            latents, ids = cache.batch(rng, config.unet_batch, generator, scale)
+            latents, captions = cache.batch(rng, config.unet_batch, generator, scale)
         else:
             size, share = config.unet_batch, config.unet_photo_share
-            images, captions = training_batch(rng, size, share, photos)
+            images, texts = training_batch(rng, size, share, photos)
             latents = encode_latents(vae, images.to(device), generator, scale)
-            ids = tokenize(tokenizer, captions)
-        ids = drop_captions(ids, empty, rng, config.caption_dropout)
+            captions = tokenize(tokenizer, texts)
+        captions = drop_captions(captions, empty, rng, config.caption_dropout)
+        if captions.dtype == torch.long:  # token ids: through the text encoder
+            with torch.set_grad_enabled(not frozen_text):
+                captions = model.encode(captions, device)
         gamma = config.min_snr_gamma
-        return denoising_loss(model, latents, ids, generator, min_snr_gamma=gamma), {}
+        return denoising_loss(model, latents, captions, generator, min_snr_gamma=gamma), {}
 
     def evaluate() -> dict[str, float]:
         # Noise from a CPU generator: the same held-out loss on every device.
         generator = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
-            loss = denoising_loss(model, eval_latents, eval_ids, generator, eval_steps)
+            context = model.encode(eval_ids, device)
+            loss = denoising_loss(model, eval_latents, context, generator, eval_steps)
         return {"loss": loss.item()}
 
     metadata = {"scaling_factor": scale, "encoder": encoder}
@@ -1159,6 +1197,8 @@ def run(
 ) -> None:
     if rebase and phase != "unet":
         raise SystemExit("--rebase belongs to --phase unet")
+    if machine.frozen_text and phase != "unet":
+        raise SystemExit("--freeze-text belongs to --phase unet")
     config = machine.apply(load_config(out, smoke=False), phase)
     if phase == "export":
         export_bundle(config, out, bundle or out / "bundle")
@@ -1184,7 +1224,7 @@ def run(
     elif phase == "decoder":
         spec = decoder_phase(config, parts, out)
     else:
-        spec = unet_phase(config, parts, out, rebase, machine.workers)
+        spec = unet_phase(config, parts, out, rebase, machine.workers, machine.frozen_text)
     counts = {k: parameter_count(parts[k]) for k in ("vae", "unet", "text_encoder")}
     batch = config.unet_batch if phase == "unet" else config.vae_batch
     print(f"{phase}: parameters {counts}, batch {batch}, device {device}", flush=True)
@@ -1226,6 +1266,11 @@ def main(argv: list[str] | None = None) -> None:
         "--checkpoint-minutes", type=float, help="this run's checkpoint interval (not saved)"
     )
     parser.add_argument(
+        "--freeze-text",
+        action="store_true",
+        help="unet phase: this run trains the UNet alone (caption embeddings computed once)",
+    )
+    parser.add_argument(
         "--save-photos",
         type=Path,
         metavar="NPZ",
@@ -1261,7 +1306,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         stop = StopRule(args.minutes, args.steps)
         machine = Machine(
-            args.device, args.workers, args.batch, args.cache, args.checkpoint_minutes
+            args.device,
+            args.workers,
+            args.batch,
+            args.cache,
+            args.checkpoint_minutes,
+            args.freeze_text,
         )
         run(args.phase, args.out, stop, args.resume, args.bundle, args.rebase, machine)
 

@@ -108,6 +108,12 @@ def test_photo_crops_and_caption_dropout(train):
     rows_dropped = (dropped == 0).all(dim=1)
     assert torch.equal(rows_dropped, (dropped == 0).any(dim=1))  # whole captions, never parts
     assert 0.07 < rows_dropped.float().mean().item() < 0.13
+    # Embeddings (a frozen text encoder's) drop the same way: whole captions.
+    contexts, empty_context = torch.ones(2000, 5, 4), torch.zeros(5, 4)
+    same = train.drop_captions(ids, empty, np.random.default_rng(5), 0.1)
+    dropped = train.drop_captions(contexts, empty_context, np.random.default_rng(5), 0.1)
+    assert torch.equal((dropped == 0).all(dim=(1, 2)), (same == 0).all(dim=1))
+    assert torch.equal((dropped == 0).all(dim=(1, 2)), (dropped == 0).any(dim=(1, 2)))
 
 
 def test_checkpoint_round_trip(train, tmp_path):
@@ -301,6 +307,42 @@ def test_vae_can_move_on_under_the_unet_which_must_then_be_rebased(train, tmp_pa
         train.run("export", out, stop(), resume=False, bundle=tmp_path / "bundle")
 
 
+def test_a_frozen_text_run_trains_the_unet_alone_on_cached_caption_embeddings(train, tmp_path):
+    _config, out = tiny_run(train, tmp_path, unet_cache=4)
+    train.run("vae", out, train.StopRule(None, 2), resume=False, bundle=None)
+    train.run("unet", out, train.StopRule(None, 2), resume=False, bundle=None)
+    path = train.checkpoint_path(out, "unet")
+    before = train.load_file(str(path))
+    frozen = train.Machine(frozen_text=True)
+    train.run("unet", out, train.StopRule(None, 4), resume=True, bundle=None, machine=frozen)
+    after = train.load_file(str(path))
+    assert train.read_metadata(path)["step"] == 4
+    text = [k for k in before if k.startswith("model.text_encoder.")]
+    unet = [k for k in before if k.startswith("model.unet.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert any(not torch.equal(before[k], after[k]) for k in unet)
+    assert json.loads((out / "run.json").read_text())["runs"][-1]["machine"]["frozen_text"]
+    with pytest.raises(SystemExit, match="--freeze-text belongs to --phase unet"):
+        train.run("vae", out, train.StopRule(None, 3), resume=True, bundle=None, machine=frozen)
+    # The cached embeddings are the text encoder's, row for row, and batches hand them out.
+    config = train.load_config(out, smoke=False)
+    parts = train.build_components(config)
+    vae = train.load_frozen_vae(out, parts["vae"])
+    cache = train.latent_cache(
+        config, vae, parts["tokenizer"], [], out, train.encoder_fingerprint(out)
+    )
+    model = train.Denoiser(
+        parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
+    )
+    full = cache.with_contexts(model, torch.float32, chunk=3)
+    with torch.no_grad():
+        expected = model.encode(cache.ids, torch.device("cpu"))
+    torch.testing.assert_close(full.contexts, expected)
+    _, contexts = full.batch(np.random.default_rng(1), 5, torch.Generator().manual_seed(0), 1.0)
+    assert contexts.shape == (5, *expected.shape[1:])
+    assert all(any(torch.equal(row, known) for known in expected) for row in contexts)
+
+
 def test_min_snr_weighting_takes_weight_off_clean_timesteps(train):
     scheduler = train.DDIMScheduler(**train.SD15_SCHEDULER)
     steps = torch.tensor([0, 100, 200, 500, 999])
@@ -319,11 +361,11 @@ def test_min_snr_weighting_takes_weight_off_clean_timesteps(train):
         tokenizer=None,
         scheduler=scheduler,
     )
-    latents, ids = torch.randn(3, 4, 8, 8), torch.zeros(3, 77, dtype=torch.long)
+    latents, context = torch.randn(3, 4, 8, 8), torch.zeros(3, 2, 3)
 
     def loss(t, gamma):
         generator = torch.Generator().manual_seed(1)
-        return train.denoising_loss(model, latents, ids, generator, t, min_snr_gamma=gamma)
+        return train.denoising_loss(model, latents, context, generator, t, min_snr_gamma=gamma)
 
     noisy, clean = torch.full((3,), 900), torch.full((3,), 10)
     torch.testing.assert_close(loss(noisy, 5.0), loss(noisy, None))
@@ -344,6 +386,7 @@ def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
         "batch": 3,
         "cache": 6,
         "checkpoint_minutes": None,
+        "frozen_text": False,
     }
     # config.json keeps the run's own settings; the cache was built at this run's size.
     assert train.TrainConfig.from_json((out / "config.json").read_text()) == config
