@@ -34,8 +34,11 @@
 # the script without a GPU). MIN: training minutes after the latent cache is built (about 35 s
 # for 40000 images with 15 workers on an H200 machine; a warm machine reuses it). BATCH, CACHE:
 # this run's batch and cache size. On an H200, batch 256 ran at 0.093 s per step (about 2750
-# samples/s; 2026-11-26), batch 512 at 0.126 s. FREEZE_TEXT=1: train the UNet alone on caption
-# embeddings computed once (--freeze-text; 19 % less time per step on 2 CPU cores). CKPT: minutes between checkpoints (2). LIMIT: seconds after which the
+# samples/s; 2026-11-26), batch 512 at 0.126 s (4100/s), and batch 1024 with FREEZE_TEXT=1 at
+# 0.11-0.12 s (about 9000/s; a 100 000-image cache took 88 s). FREEZE_TEXT=1: train the UNet
+# alone on caption embeddings computed once (--freeze-text; 19 % less time per step on 2 CPU
+# cores). That run of 2026-11-26 was thrown away: its embeddings came from an untrained text
+# encoder (fixed since, and tested). CKPT: minutes between checkpoints (2). LIMIT: seconds after which the
 # run is sent SIGTERM, which makes it checkpoint and stop. If the call is cut off, run.json holds
 # no entry for the run: add one by hand from train.log.
 set -u

@@ -833,13 +833,19 @@ def run_phase(
     ema = [p.detach().clone() for p in params] if phase.use_ema else None
     path = checkpoint_path(out, phase.name)
     log = out / f"{phase.name}_log.jsonl"
-    step, elapsed = 0, 0.0
+    step, elapsed, warm_from = 0, 0.0, 0
     if path.exists():
         if not resume:
             raise SystemExit(f"{path} exists; pass --resume to continue it, or use another --out")
         metadata = load_checkpoint(path, phase.module, optimizer, ema)
         step, elapsed = metadata["step"], metadata["elapsed_s"]
         print(f"resumed {phase.name} at step {step} ({elapsed / 3600:.2f} h trained)", flush=True)
+        if not metadata.get("adam_step"):
+            # A compacted checkpoint: Adam's moments start afresh, and its first steps at the
+            # full rate (each about lr per weight, whatever its gradient) jolt a trained model,
+            # so the learning rate warms up again.
+            warm_from = step
+            print(f"{phase.name}: no Adam moments; learning rate warms up again", flush=True)
     trim_log(log, step)
     start_step, start_time = step, time.monotonic()
     last_save, window, seconds_per_step = start_time, [], 0.0
@@ -856,7 +862,7 @@ def run_phase(
     while not stop.done(step, time.monotonic() - start_time, seconds_per_step):
         tick = time.monotonic()
         for group in optimizer.param_groups:
-            group["lr"] = phase.lr * min(1.0, (step + 1) / config.warmup_steps)
+            group["lr"] = phase.lr * min(1.0, (step - warm_from + 1) / config.warmup_steps)
         with autocast:
             loss, metrics = phase.step_loss(step)
         optimizer.zero_grad(set_to_none=True)
@@ -1082,14 +1088,23 @@ def unet_phase(
     cache = None
     if config.unet_cache:
         cache = latent_cache(config, vae, tokenizer, photos, out, encoder, workers)
-        if frozen_text:
+    embedded = False
+
+    def embed_captions() -> None:
+        """Frozen text: the cache's and the empty caption's embeddings, once. Made at the first
+        step, because run_phase loads the checkpoint's text encoder after this phase is built
+        (2026-11-26: made here before, they came from a freshly initialised encoder)."""
+        nonlocal cache, empty, embedded
+        if cache is not None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             cache = cache.with_contexts(model, dtype)
-    if frozen_text:
         with torch.no_grad():
             empty = model.encode(empty[None], device)[0]
+        embedded = True
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if frozen_text and not embedded:
+            embed_captions()
         rng = batch_rng(config, "unet", step)
         generator = torch.Generator(device).manual_seed(step)
         if cache is not None:

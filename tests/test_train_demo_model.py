@@ -141,6 +141,27 @@ def test_checkpoint_round_trip(train, tmp_path):
     assert not path.with_suffix(".partial").exists()
 
 
+def test_a_resume_without_adam_moments_warms_the_learning_rate_up_again(train, tmp_path):
+    config = train.TrainConfig()
+    torch.manual_seed(0)
+    module, x = torch.nn.Linear(4, 3), torch.randn(8, 4)
+
+    def step_loss(step):
+        return (module(x) ** 2).mean(), {}
+
+    phase = train.Phase("vae", module, 0.1, step_loss, lambda: {}, False, {})
+    path = train.checkpoint_path(tmp_path, "vae")
+    unused = torch.optim.AdamW(module.parameters())  # no state: as after compact_checkpoint
+    train.save_checkpoint(path, module, unused, None, {"step": 500, "elapsed_s": 1.0})
+    start = [p.detach().half().float() for p in module.parameters()]
+    train.run_phase(phase, config, tmp_path, train.StopRule(None, 501), resume=True)
+    pairs = zip(module.parameters(), start, strict=True)
+    moved = max((p.detach() - s).abs().max().item() for p, s in pairs)
+    # Adam's first step moves each weight by about its learning rate: here the warm-up's first,
+    # lr / warmup_steps, not the full 0.1 that jolted resumed models before.
+    assert config.warmup_steps == 100 and 0.5e-3 < moved < 2e-3
+
+
 def test_stop_rule(train):
     assert train.StopRule(minutes=None, max_steps=3).done(3, 0.0, 1.0)
     assert not train.StopRule(minutes=None, max_steps=3).done(2, 0.0, 1.0)
@@ -324,8 +345,20 @@ def test_a_frozen_text_run_trains_the_unet_alone_on_cached_caption_embeddings(tr
     assert json.loads((out / "run.json").read_text())["runs"][-1]["machine"]["frozen_text"]
     with pytest.raises(SystemExit, match="--freeze-text belongs to --phase unet"):
         train.run("vae", out, train.StopRule(None, 3), resume=True, bundle=None, machine=frozen)
-    # The cached embeddings are the text encoder's, row for row, and batches hand them out.
+    # A frozen run's loss is the unfrozen one's: its embeddings come from the text encoder as
+    # it is at the first step (the checkpoint's, loaded after the phase is built), not as built.
     config = train.load_config(out, smoke=False)
+    losses = []
+    for freeze in (False, True):
+        parts = train.build_components(config)
+        phase = train.unet_phase(config, parts, out, rebase=False, frozen_text=freeze)
+        train.load_checkpoint(path, phase.module)
+        with torch.no_grad():
+            for p in parts["text_encoder"].parameters():
+                p.mul_(1.5)
+        losses.append(phase.step_loss(7)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # The cached embeddings are the text encoder's, row for row, and batches hand them out.
     parts = train.build_components(config)
     vae = train.load_frozen_vae(out, parts["vae"])
     cache = train.latent_cache(
