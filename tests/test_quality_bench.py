@@ -11,10 +11,12 @@ import io
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dragondiffusion import models, scenes
 from dragondiffusion.bench import ABLATIONS, EDITS, baseline, cases, metrics, quality, report
@@ -426,6 +428,46 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     assert [(r["case"], r["variant"]) for r in saved["results"]] == [(1, v) for v in produced]
     assert len(saved["table"]) == len(produced)  # one row per variant, from case 1 alone
 
+    # Started afresh, the unfinished run would be lost: refused. --resume runs case 2 alone.
+    with pytest.raises(InputError, match=r"unfinished benchmark .* pass --resume"):
+        quality.quality(settings, tmp_path / "out", docs=None, log=lambda _: None)
+    produced.clear()
+    monkeypatch.setattr(quality, "produce", lambda *a: (produced.append(a[2].name), real(*a))[1])
+    lines = []
+    done = quality.quality(settings, tmp_path / "out", docs=None, log=lines.append, resume=True)
+    assert produced == ["identity", "exact", "diffeditor"]  # case 2 only
+    assert any("[move 1/2]" in line and "earlier run" in line for line in lines)
+    resumed = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert resumed["status"] == "complete" and resumed["seconds"] > saved["seconds"]
+    assert (tmp_path / "out" / "contact_sheet.png").is_file()
+    assert (tmp_path / "out" / "examples" / "move-diffeditor.png").is_file()
+    # The same numbers as one uninterrupted run.
+    monkeypatch.setattr(quality, "produce", real)
+    whole = quality.quality(settings, tmp_path / "whole", docs=None, log=lambda _: None)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert json.dumps(strip(done.results)) == json.dumps(strip(whole.results))
+    # Other settings or other weights are not continued.
+    other = replace(settings, steps=3)
+    with pytest.raises(InputError, match="other settings"):
+        quality.quality(other, tmp_path / "out", docs=None, log=lambda _: None, resume=True)
+    monkeypatch.setattr(quality, "fingerprint", lambda pipe: "0123456789abcdef")
+    with pytest.raises(InputError, match="weights differ"):
+        quality.quality(settings, tmp_path / "out", docs=None, log=lambda _: None, resume=True)
+
+
+def test_the_fingerprint_follows_the_weights(pipe):
+    first = quality.fingerprint(pipe)
+    assert quality.fingerprint(pipe) == first and len(first) == 16
+    weight = next(pipe.unet.parameters())
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[0] += 1.0
+        try:
+            assert quality.fingerprint(pipe) != first
+        finally:
+            weight.copy_(kept)
+    assert quality.fingerprint(pipe) == first
+
 
 def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsys):
     (tmp_path / "notes.txt").write_text("mine")
@@ -434,6 +476,14 @@ def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsy
     assert "did not write" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "new"), "--edits", "move,rotate"]) == 2
     assert "rotate" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    saved = {"status": "incomplete", "results": [{}], "settings": {}, "command": "theirs"}
+    (unfinished / "quality.json").write_text(json.dumps(saved))
+    assert main([*base, "--out", str(unfinished)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*base, "--out", str(unfinished), "--resume"]) == 2
+    assert "other settings (theirs)" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

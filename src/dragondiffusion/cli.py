@@ -196,6 +196,12 @@ def add_bench_parser(sub) -> None:
         help="markdown file that gets the table's section (default docs/benchmarks.md)",
     )
     quality.add_argument("--no-docs", action="store_true", help="write no markdown section")
+    quality.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out (same options and model): keep its finished "
+        "scenes, run the rest",
+    )
 
 
 def check_output(out: str, inputs: list[str | None]) -> Path:
@@ -308,7 +314,7 @@ def run_bench(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         sweep=tuple(weight_values(text) for text in args.sweep),
     )
-    quality.quality(settings, args.out, None if args.no_docs else args.docs)
+    quality.quality(settings, args.out, None if args.no_docs else args.docs, resume=args.resume)
 
 
 def run_info(args: argparse.Namespace) -> None:

@@ -31,17 +31,20 @@ a mean; an infinite PSNR makes the mean infinite):
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from ..demo import prepare_output, run_example, write_text
+from ..demo import prepare_output, run_example, write_png, write_text
 from ..edit_defaults import WEIGHTS
 from ..errors import InputError
 from ..features import energy_grid
@@ -71,7 +74,11 @@ if TYPE_CHECKING:
 FOUND_SHARE = 0.25
 """A segmented object smaller than this share of the expected object counts as not found."""
 SUMMARY = "quality.json"
-"""Written first (status "incomplete") and last; marks a folder as the benchmark's output."""
+"""Written first (status "incomplete"), after every case, and last; marks a folder as the
+benchmark's output, and is what `--resume` continues from."""
+EXAMPLES = "examples"
+"""Folder (in the output folder) of each edit's first case's outputs, `EDIT-VARIANT.png`: the
+contact sheet of a resumed run that did not produce them itself."""
 # ---------------------------------------------------------------------------------------------
 # What runs.
 
@@ -301,6 +308,28 @@ def measure(case: Case, output: np.ndarray, cell_px: float) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """What an earlier, unfinished run of the same settings left: its per-output rows (those
+    of whole cases are kept) and the seconds it ran."""
+
+    results: list[dict[str, Any]]
+    seconds: float
+
+
+def fingerprint(pipe: DragonPipeline) -> str:
+    """A short hash of the model's weights (UNet, text encoder, VAE): a run is continued only on
+    the very weights it began with. It reads at most 1024 evenly spaced values of each
+    parameter, so SD 1.5 costs no more than a tiny model."""
+    digest = hashlib.sha256()
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for name, parameter in part.named_parameters():
+            flat = parameter.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
+            digest.update(name.encode() + sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class QualityRun:
     """A finished (or partial) benchmark: settings, per-output metrics, and the example sheet.
@@ -317,6 +346,40 @@ class QualityRun:
     examples: list[tuple[Case, dict[str, np.ndarray]]] = field(default_factory=list)
     seconds: float = 0.0
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
+    fingerprint: str = ""
+    """The model's weights' `fingerprint` ("" where not taken)."""
+
+
+def example_path(folder: Path, edit: str, variant: str) -> Path:
+    return folder / EXAMPLES / f"{edit}-{variant}.png"
+
+
+def saved_examples(
+    folder: Path | None, edit: str, names: list[str]
+) -> dict[str, np.ndarray] | None:
+    """The outputs of the edit's first case that an earlier run saved; None if any is missing."""
+    if folder is None or not all(example_path(folder, edit, n).is_file() for n in names):
+        return None
+    outputs = {}
+    for name in names:
+        with Image.open(example_path(folder, edit, name)) as image:
+            outputs[name] = np.asarray(image.convert("RGB"))
+    return outputs
+
+
+def earlier_case(
+    earlier: Earlier | None, edit: str, k: int, case: Case, names: list[str]
+) -> list[dict[str, Any]] | None:
+    """The earlier run's rows of this case, one per variant in order; None unless it has them
+    all, for the same scene(s)."""
+    if earlier is None:
+        return None
+    rows = {
+        r["variant"]: r
+        for r in earlier.results
+        if r["edit"] == edit and r["case"] == k and r["seeds"] == list(case.seeds)
+    }
+    return [rows[n] for n in names] if all(n in rows for n in names) else None
 
 
 def run(
@@ -324,22 +387,36 @@ def run(
     settings: Settings,
     log: Callable[[str], None] = print,
     after_case: Callable[[QualityRun], None] | None = None,
+    earlier: Earlier | None = None,
+    folder: Path | None = None,
 ) -> QualityRun:
-    """Run every case of every edit through every variant and measure it (no files written).
+    """Run every case of every edit through every variant and measure it.
 
     Scenes are rendered at the model's native resolution; the first case of each edit is kept
     for the contact sheet. `after_case` gets the run so far after each case (to save partial
-    results).
+    results). earlier: an unfinished run of the same settings on the same model: its whole cases
+    are taken over, not run again. folder: where the first cases' outputs are saved
+    (`EXAMPLES`), and read back for cases taken over (None: nothing written).
     """
     size = pipe.native_resolution
     cell_px = cell_pixels(pipe, size)
     result = QualityRun(settings, settings.model or pipe.model_name, str(pipe.device), cell_px)
+    result.fingerprint = fingerprint(pipe)
     variants = settings.variants()
-    started = time.perf_counter()
+    names = [v.name for v in variants]
+    started, before = time.perf_counter(), earlier.seconds if earlier else 0.0
     for edit in settings.edits:
         cases = draw_cases(edit, settings.n, settings.seed, size)
         for k, case in enumerate(cases, 1):
             seeds = ", ".join(map(str, case.seeds))
+            rows = earlier_case(earlier, edit, k, case, names)
+            examples = saved_examples(folder, edit, names) if k == 1 else {}
+            if rows is not None and examples is not None:
+                log(f"[{edit} {k}/{len(cases)}] scene {seeds}: measured by the earlier run")
+                result.results += rows
+                if k == 1:
+                    result.examples.append((case, examples))
+                continue
             log(f"[{edit} {k}/{len(cases)}] scene {seeds}: {case.example.title}")
             inversions: dict[int, dict] = {}
             outputs = {}
@@ -362,10 +439,52 @@ def run(
                 log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}")
             if k == 1:
                 result.examples.append((case, outputs))
-            result.seconds = time.perf_counter() - started
+                if folder is not None:
+                    for name, output in outputs.items():
+                        write_png(output, example_path(folder, edit, name))
+            result.seconds = before + time.perf_counter() - started
             if after_case is not None:
                 after_case(result)
     return result
+
+
+def read_earlier(folder: Path, settings: Settings, resume: bool) -> dict[str, Any] | None:
+    """The output folder's quality.json when `resume` is asked and it holds a run of these
+    settings (None: nothing to continue). Refuses to start afresh over an unfinished run (its
+    results would be lost) and to continue a run of other settings."""
+    path = folder / SUMMARY
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is None:
+        return None
+    unfinished = saved.get("status") == "incomplete" and saved.get("results")
+    if not resume:
+        if unfinished:
+            raise InputError(
+                f"{folder} holds an unfinished benchmark ({len(saved['results'])} outputs "
+                f"measured); pass --resume to continue it, or give another --out"
+            )
+        return None
+    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+        raise InputError(
+            f"--resume: {folder} holds a benchmark of other settings ({saved.get('command')}); "
+            "run that command with --resume, or give another --out"
+        )
+    return saved
+
+
+def resumable(saved: dict[str, Any], pipe: DragonPipeline, folder: Path) -> Earlier:
+    """The earlier run, once its model and device are known to be this run's."""
+    if saved.get("fingerprint") != fingerprint(pipe):
+        raise InputError(
+            f"--resume: the model's weights differ from those the run in {folder} began with; "
+            "give another --out to benchmark these weights"
+        )
+    if saved.get("device") != str(pipe.device):
+        raise InputError(
+            f"--resume: the run in {folder} ran on {saved.get('device')}, not {pipe.device}; "
+            f"pass --device {saved.get('device')}, or give another --out"
+        )
+    return Earlier(saved["results"], float(saved.get("seconds", 0.0)))
 
 
 def quality(
@@ -373,36 +492,46 @@ def quality(
     out: str | Path = "quality-bench",
     docs: str | Path | None = "docs/benchmarks.md",
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> QualityRun:
     """Load the model, run the benchmark, print the table and write its files.
 
-    out/: quality.json (settings, table, every output's metrics), quality.md (the section),
-    contact_sheet.png. docs: the markdown file that gets the section `quality:<model>`
-    (None: none).
+    out/: quality.json (settings, table, every output's metrics; rewritten after every case),
+    quality.md (the section), contact_sheet.png, examples/ (the sheet's pictures). docs: the
+    markdown file that gets the section `quality:<model>` (None: none). resume: continue the
+    unfinished run in `out` (same settings, model weights and device): its finished cases are
+    kept, the rest run.
     """
     from ..models import default_model, load
 
     folder = prepare_output(out, SUMMARY, "quality benchmark")
+    saved = read_earlier(folder, settings, resume)
+    if resume and saved is None:
+        log(f"--resume: no earlier run in {folder}; starting afresh")
     if settings.baseline:
         require_cv2()  # fail now, not after the long run
     name = default_model() if settings.model is None else settings.model
     log(f"loading model {name} …")
     pipe = load(name, settings.device, settings.dtype)
     pipe.set_progress_bar_config(disable=True)
+    earlier = resumable(saved, pipe, folder) if saved is not None else None
     variants = settings.variants()
     log(
         f"{settings.n} scene(s) × {len(settings.edits)} edit(s) × {len(variants)} variant(s) at "
         f"{pipe.native_resolution} px on {pipe.device}; writing to {folder}/"
     )
-    write_text(
-        folder / SUMMARY, summary(QualityRun(settings, name, str(pipe.device), 0), "incomplete")
-    )
-    # quality.json holds every finished case, so a run cut short (a time limit) still counts.
+    if earlier is None:
+        started = QualityRun(settings, name, str(pipe.device), 0, fingerprint=fingerprint(pipe))
+        write_text(folder / SUMMARY, summary(started, "incomplete"))
+    # quality.json holds every finished case, so a run cut short (a time limit) still counts,
+    # and --resume continues it.
     done = run(
         pipe,
         settings,
         log,
         lambda partial: write_text(folder / SUMMARY, summary(partial, "incomplete")),
+        earlier,
+        folder,
     )
     text = section(done)
     atomic_write(

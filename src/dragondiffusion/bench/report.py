@@ -144,6 +144,7 @@ def summary(run: QualityRun, status: str) -> str:
             "device": run.device,
             "cell_px": run.cell_px,
             "date": run.date,
+            "fingerprint": run.fingerprint,
             "seconds": round(run.seconds, 3),
             "table": summarise(run),
             "results": run.results,
