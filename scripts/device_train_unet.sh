@@ -38,7 +38,11 @@
 # 0.11-0.12 s (about 9000/s; a 100 000-image cache took 88 s). FREEZE_TEXT=1: train the UNet
 # alone on caption embeddings computed once (--freeze-text; 19 % less time per step on 2 CPU
 # cores). That run of 2026-11-26 was thrown away: its embeddings came from an untrained text
-# encoder (fixed since, and tested). CKPT: minutes between checkpoints (2). LIMIT: seconds after which the
+# encoder (fixed since, and tested). DECAY: minutes at the end of the run over which the
+# learning rate falls linearly to a tenth (--decay-minutes; the run must reach its --minutes,
+# so LIMIT must cover the cache, about 90 s for 100 000 images, plus 60 * MIN). Suggested next
+# call (2026-11-26, untried): MIN=6.5 BATCH=1024 CACHE=100000 FREEZE_TEXT=1 DECAY=2, LIMIT left at
+# its default, timeout_s 600. CKPT: minutes between checkpoints (2). LIMIT: seconds after which the
 # run is sent SIGTERM, which makes it checkpoint and stop. If the call is cut off, run.json holds
 # no entry for the run: add one by hand from train.log.
 set -u
@@ -58,7 +62,7 @@ if ! python3 -c "import sys; sys.path.insert(0, 'scripts'); import train_demo_mo
   export DRAGONDIFFUSION_PHOTO_ARCHIVE=.gpu/photos.npz
 fi
 MIN=${MIN:-6}
-LIMIT=${LIMIT:-$(python3 -c "print(int(60 * $MIN + 90))")}
+LIMIT=${LIMIT:-$(python3 -c "print(int(60 * $MIN + 150))")}
 REBASE=${REBASE:---rebase}
 
 # ship: the run's current checkpoint, compacted (no Adam moments), as 15 MB parts in $OUT, with
@@ -90,7 +94,7 @@ WATCHER=$!
 timeout --signal=TERM --kill-after=40 "$LIMIT" python3 scripts/train_demo_model.py --phase unet \
   --out "$RUN" --resume $REBASE --device "$DEVICE" --workers "${WORKERS:-15}" \
   --batch "${BATCH:-256}" --cache "${CACHE:-40000}" --minutes "$MIN" --checkpoint-minutes "${CKPT:-2}" \
-  --threads 4 ${FREEZE_TEXT:+--freeze-text} > "$OUT/train.log" 2>&1
+  --threads 4 ${FREEZE_TEXT:+--freeze-text} ${DECAY:+--decay-minutes "$DECAY"} > "$OUT/train.log" 2>&1
 echo "train: exit $? after $(( $(date +%s) - T0 )) s"
 kill "$WATCHER" 2> /dev/null
 wait "$WATCHER" 2> /dev/null

@@ -790,10 +790,17 @@ class Machine:
     """Replaces unet_cache for this run."""
     checkpoint_minutes: float | None = None
     """Replaces checkpoint_minutes for this run (a lent machine may be taken back mid-run)."""
+    decay_minutes: float | None = None
+    """Decay the learning rate linearly to a tenth over the run's last minutes (`learning_rate`;
+    needs --minutes)."""
     frozen_text: bool = False
     """unet phase: train the UNet alone; the text encoder stays as it is, and the latent
     cache's caption embeddings are computed once (its forward and backward passes cost about as
     much as the UNet's at 77 tokens)."""
+
+    @property
+    def decay_seconds(self) -> float | None:
+        return None if self.decay_minutes is None else 60.0 * self.decay_minutes
 
     def apply(self, config: TrainConfig, phase: str) -> TrainConfig:
         changes: dict[str, float] = {}
@@ -804,6 +811,26 @@ class Machine:
         if self.checkpoint_minutes is not None:
             changes["checkpoint_minutes"] = self.checkpoint_minutes
         return dataclasses.replace(config, **changes)
+
+
+def learning_rate(
+    base: float,
+    steps_run: int,
+    warmup_steps: int,
+    seconds_left: float | None = None,
+    decay_seconds: float | None = None,
+    floor: float = 0.1,
+) -> float:
+    """The rate of a run's next step: a linear warm-up over its first `warmup_steps`, then
+    `base`; with `decay_seconds` (a run of known length), a linear decay to `floor`·base over
+    its last `decay_seconds` (a warm-up-stable-decay schedule: each run ends annealed, and the
+    next warms up again).
+
+    steps_run: steps this run has taken; seconds_left: until the run's --minutes are up."""
+    rate = base * min(1.0, (steps_run + 1) / warmup_steps)
+    if decay_seconds and seconds_left is not None:
+        rate *= max(floor, min(1.0, seconds_left / decay_seconds))
+    return rate
 
 
 def trim_log(log: Path, last_step: int) -> None:
@@ -833,19 +860,17 @@ def run_phase(
     ema = [p.detach().clone() for p in params] if phase.use_ema else None
     path = checkpoint_path(out, phase.name)
     log = out / f"{phase.name}_log.jsonl"
-    step, elapsed, warm_from = 0, 0.0, 0
+    step, elapsed = 0, 0.0
     if path.exists():
         if not resume:
             raise SystemExit(f"{path} exists; pass --resume to continue it, or use another --out")
         metadata = load_checkpoint(path, phase.module, optimizer, ema)
         step, elapsed = metadata["step"], metadata["elapsed_s"]
         print(f"resumed {phase.name} at step {step} ({elapsed / 3600:.2f} h trained)", flush=True)
-        if not metadata.get("adam_step"):
-            # A compacted checkpoint: Adam's moments start afresh, and its first steps at the
-            # full rate (each about lr per weight, whatever its gradient) jolt a trained model,
-            # so the learning rate warms up again.
-            warm_from = step
-            print(f"{phase.name}: no Adam moments; learning rate warms up again", flush=True)
+    # Every run warms its learning rate up from its own first step: a compacted checkpoint
+    # brings no Adam moments, and Adam's first steps at the full rate (each about lr per weight,
+    # whatever its gradient) jolt a trained model; the previous run may have decayed the rate.
+    warm_from = step
     trim_log(log, step)
     start_step, start_time = step, time.monotonic()
     last_save, window, seconds_per_step = start_time, [], 0.0
@@ -861,8 +886,14 @@ def run_phase(
     phase.module.train()
     while not stop.done(step, time.monotonic() - start_time, seconds_per_step):
         tick = time.monotonic()
+        seconds_left = None
+        if stop.minutes is not None:
+            seconds_left = 60.0 * stop.minutes - (time.monotonic() - start_time)
+        lr = learning_rate(
+            phase.lr, step - warm_from, config.warmup_steps, seconds_left, machine.decay_seconds
+        )
         for group in optimizer.param_groups:
-            group["lr"] = phase.lr * min(1.0, (step - warm_from + 1) / config.warmup_steps)
+            group["lr"] = lr
         with autocast:
             loss, metrics = phase.step_loss(step)
         optimizer.zero_grad(set_to_none=True)
@@ -875,7 +906,7 @@ def run_phase(
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         step += 1
         seconds_per_step = time.monotonic() - tick
-        window.append({"loss": loss.detach(), **metrics, "s_per_step": seconds_per_step})
+        window.append({"loss": loss.detach(), **metrics, "s_per_step": seconds_per_step, "lr": lr})
         if step % config.log_every == 0 or step % config.eval_every == 0:
             record = {"step": step, "elapsed_s": round(elapsed + time.monotonic() - start_time)}
             record |= {
@@ -1281,6 +1312,12 @@ def main(argv: list[str] | None = None) -> None:
         "--checkpoint-minutes", type=float, help="this run's checkpoint interval (not saved)"
     )
     parser.add_argument(
+        "--decay-minutes",
+        type=float,
+        help="decay the learning rate linearly to a tenth over the run's last minutes "
+        "(needs --minutes)",
+    )
+    parser.add_argument(
         "--freeze-text",
         action="store_true",
         help="unet phase: this run trains the UNet alone (caption embeddings computed once)",
@@ -1319,6 +1356,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase is None:
         parser.error("pass --phase vae|decoder|unet|export, or --smoke")
     else:
+        if args.decay_minutes is not None and args.minutes is None:
+            parser.error("--decay-minutes needs --minutes (the run's length)")
         stop = StopRule(args.minutes, args.steps)
         machine = Machine(
             args.device,
@@ -1326,6 +1365,7 @@ def main(argv: list[str] | None = None) -> None:
             args.batch,
             args.cache,
             args.checkpoint_minutes,
+            args.decay_minutes,
             args.freeze_text,
         )
         run(args.phase, args.out, stop, args.resume, args.bundle, args.rebase, machine)

@@ -162,6 +162,19 @@ def test_a_resume_without_adam_moments_warms_the_learning_rate_up_again(train, t
     assert config.warmup_steps == 100 and 0.5e-3 < moved < 2e-3
 
 
+def test_learning_rate_warms_up_then_decays_over_the_runs_last_minutes(train):
+    rate = train.learning_rate
+    assert rate(1.0, 0, 100) == pytest.approx(0.01) and rate(1.0, 99, 100) == 1.0
+    assert rate(1.0, 500, 100) == 1.0 and rate(1.0, 500, 100, seconds_left=5.0) == 1.0
+    decay = {"warmup_steps": 100, "decay_seconds": 60.0}
+    assert rate(2.0, 500, seconds_left=120.0, **decay) == 2.0  # not yet in the last minute
+    assert rate(2.0, 500, seconds_left=30.0, **decay) == pytest.approx(1.0)
+    assert rate(2.0, 500, seconds_left=1.0, **decay) == pytest.approx(0.2)  # the floor
+    assert rate(2.0, 0, seconds_left=30.0, **decay) == pytest.approx(0.01)  # both at once
+    with pytest.raises(SystemExit):
+        train.main(["--phase", "unet", "--decay-minutes", "2"])
+
+
 def test_stop_rule(train):
     assert train.StopRule(minutes=None, max_steps=3).done(3, 0.0, 1.0)
     assert not train.StopRule(minutes=None, max_steps=3).done(2, 0.0, 1.0)
@@ -419,6 +432,7 @@ def test_a_machine_changes_one_run_and_run_json_records_it(train, tmp_path):
         "batch": 3,
         "cache": 6,
         "checkpoint_minutes": None,
+        "decay_minutes": None,
         "frozen_text": False,
     }
     # config.json keeps the run's own settings; the cache was built at this run's size.
