@@ -295,7 +295,7 @@ def test_settings_refuse_bad_choices():
 def test_variants_are_identity_exact_baseline_modes_then_ablations():
     settings = quality.Settings(steps=30, fewer_steps=12)
     names = [v.name for v in settings.variants()]
-    assert names == ["identity", "exact", "baseline", "diffeditor", "dragon", *ABLATIONS]
+    assert names == ["identity", "exact", "vae", "baseline", "diffeditor", "dragon", *ABLATIONS]
     by_name = {v.name: v for v in settings.variants()}
     assert not by_name["no-bank"].memory_bank and by_name["no-bank"].mode == "diffeditor"
     assert dict(by_name["no-content"].weights) == {"w_content": 0}
@@ -346,7 +346,8 @@ def cli_run(tiny_bundle, tmp_path_factory):
 def test_cli_prints_the_table_and_writes_sheet_json_and_docs_section(cli_run):
     code, stdout, out, docs = cli_run
     assert code == 0
-    labels = ["identity (input)", "exact (expected image)", "baseline (cut-paste + Telea)",
+    labels = ["identity (input)", "exact (expected image)", "exact through the VAE (ceiling)",
+              "baseline (cut-paste + Telea)",
               "diffeditor", "diffeditor − memory bank", "diffeditor − edit energy",
               "diffeditor + keep background"]  # fmt: skip
     for label in labels:
@@ -376,6 +377,8 @@ def test_identity_row_has_an_exact_background(cli_run):
             assert r["background_ssim"] == pytest.approx(1, abs=1e-4)
         if r["variant"] == "identity" and r["edit"] == "move":
             assert r["ghost"] > 0.8
+        if r["variant"] == "vae":  # the tiny model's untrained VAE: far from the expected image
+            assert math.isfinite(r["image_psnr"]) and r["image_psnr"] < 30
 
 
 def test_keep_background_restores_the_background_the_method_blurs(cli_run):
@@ -411,7 +414,7 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     real = quality.produce
 
     def produce_then_stop(pipe, case, variant, *args):
-        if len(produced) == 3:  # the second case's first variant: cut off like a time limit
+        if len(produced) == 4:  # the second case's first variant: cut off like a time limit
             raise KeyboardInterrupt
         produced.append(variant.name)
         return real(pipe, case, variant, *args)
@@ -435,7 +438,7 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     monkeypatch.setattr(quality, "produce", lambda *a: (produced.append(a[2].name), real(*a))[1])
     lines = []
     done = quality.quality(settings, tmp_path / "out", docs=None, log=lines.append, resume=True)
-    assert produced == ["identity", "exact", "diffeditor"]  # case 2 only
+    assert produced == ["identity", "exact", "vae", "diffeditor"]  # case 2 only
     assert any("[move 1/2]" in line and "earlier run" in line for line in lines)
     resumed = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert resumed["status"] == "complete" and resumed["seconds"] > saved["seconds"]
@@ -545,7 +548,7 @@ def test_set_adds_one_method_row_per_combination_of_weights():
         edits=("move", "resize"), modes=("dragon", "diffeditor"), ablations=(), baseline=False,
         sweep=(("energy_scale", (4000.0, 8000.0)), ("w_edit", (2.0,))),
     )  # fmt: skip
-    added = settings.variants()[4:]
+    added = settings.variants()[5:]  # identity, exact, vae, dragon, diffeditor
     assert [(v.mode, v.weights) for v in added] == [
         ("dragon", (("energy_scale", 4000.0), ("w_edit", 2.0))),
         ("dragon", (("energy_scale", 8000.0), ("w_edit", 2.0))),
@@ -582,4 +585,10 @@ def test_set_rows_run_with_their_weights(tiny_bundle):
 
 def test_no_set_adds_no_rows():
     plain = quality.Settings(ablations=())
-    assert [v.name for v in plain.variants()] == ["identity", "exact", "baseline", *quality.MODES]
+    assert [v.name for v in plain.variants()] == [
+        "identity",
+        "exact",
+        "vae",
+        "baseline",
+        *quality.MODES,
+    ]

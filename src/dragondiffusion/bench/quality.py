@@ -4,7 +4,9 @@ Held-out procedural scenes (`cases`) are edited by the method (one row per sampl
 ablations (in the first mode), by a naive cut-paste-inpaint baseline (`baseline`) and by nobody
 (identity: the input itself), and each output is compared with the scene generator's exact
 expected image. One more row, exact, measures the expected image itself: what the measurements
-read off a perfect edit (their own noise: segmentation edges, patch tracking). Rows: variant ×
+read off a perfect edit (their own noise: segmentation edges, patch tracking); and another, vae,
+the expected image after a round trip through the model's VAE: the best a latent-diffusion edit
+can do, since it re-synthesises every pixel through the VAE. Rows: variant ×
 edit; columns: the means over the scenes (NaN values, e.g. an empty vacated area, are left out of
 a mean; an infinite PSNR makes the mean infinite):
 
@@ -50,7 +52,7 @@ from ..errors import InputError
 from ..features import energy_grid
 from ..geometry import dilate
 from ..io import atomic_write
-from ..model_report import masked_psnr, psnr
+from ..model_report import as_array, masked_psnr, model_input, psnr, vae_round_trip
 from ..sampler import MODES
 from . import ABLATIONS, EDITS
 from .baseline import baseline, require_cv2
@@ -102,6 +104,9 @@ class Variant:
 
 IDENTITY = Variant("identity", "identity (input)")
 EXACT = Variant("exact", "exact (expected image)")
+CEILING = Variant("vae", "exact through the VAE (ceiling)")
+"""The expected image encoded and decoded by the model's VAE: what a latent-diffusion edit could
+reach at best (it re-synthesises every pixel through the VAE)."""
 BASELINE = Variant("baseline", "baseline (cut-paste + Telea)")
 
 
@@ -195,9 +200,9 @@ class Settings:
         return self.fewer_steps if self.fewer_steps is not None else max(2, round(0.4 * self.steps))
 
     def variants(self) -> list[Variant]:
-        """Identity, exact, baseline, the method in each mode, then the ablations in the first
-        mode."""
-        rows = [IDENTITY, EXACT, *([BASELINE] if self.baseline else [])]
+        """Identity, exact, its VAE ceiling, baseline, the method in each mode, then the
+        ablations in the first mode."""
+        rows = [IDENTITY, EXACT, CEILING, *([BASELINE] if self.baseline else [])]
         rows += [Variant(m, m, m, self.steps) for m in self.modes]
         rows += [ablation(a, self.modes[0], self.steps, self.fewer) for a in self.ablations]
         names = [name for name, _ in self.sweep]
@@ -257,6 +262,10 @@ def produce(
         return case.image
     if variant is EXACT:
         return case.expected
+    if variant is CEILING:
+        size = case.expected.shape[1::-1]
+        decoded = vae_round_trip(pipe, model_input(pipe, case.expected))
+        return as_array(model_input(pipe, as_array(decoded), size))
     if variant is BASELINE:
         return baseline(case.example.edit, case.example.arguments, cell_px)
     options: dict[str, Any] = {
