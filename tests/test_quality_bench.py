@@ -360,6 +360,7 @@ def test_cli_prints_the_table_and_writes_sheet_json_and_docs_section(cli_run):
     assert summary["status"] == "complete"
     assert len(summary["results"]) == RUN["n"] * len(EDITS) * len(labels)
     assert summary["command"].startswith("dragondiffusion bench quality --model ")
+    assert summary["command"].endswith(" --device cpu")  # what --resume must be given again
     text = docs.read_text()
     assert text.count("<!-- quality:") == 2 and "the cost table" in text
     assert "## Quality: tiny" in text and "| identity (input) | move | 2 |" in text

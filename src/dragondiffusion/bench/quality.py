@@ -232,6 +232,8 @@ class Settings:
         if not self.baseline:
             parts.append("--no-baseline")
         parts += [f"--set {n}={','.join(f'{v:g}' for v in values)}" for n, values in self.sweep]
+        parts += [f"--device {self.device}"] if self.device is not None else []
+        parts += [f"--dtype {self.dtype}"] if self.dtype is not None else []
         return " ".join(parts)
 
 
