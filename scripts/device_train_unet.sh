@@ -94,10 +94,13 @@ watch_checkpoints() {
 watch_checkpoints &
 WATCHER=$!
 
+EXTRA=()
+[ "${FREEZE_TEXT:-0}" = 1 ] && EXTRA+=(--freeze-text)
+[ -n "${DECAY:-}" ] && EXTRA+=(--decay-minutes "$DECAY")
 timeout --signal=TERM --kill-after=40 "$LIMIT" python3 scripts/train_demo_model.py --phase unet \
   --out "$RUN" --resume $REBASE --device "$DEVICE" --workers "${WORKERS:-15}" \
   --batch "${BATCH:-256}" --cache "${CACHE:-40000}" --minutes "$MIN" --checkpoint-minutes "${CKPT:-2}" \
-  --threads 4 ${FREEZE_TEXT:+--freeze-text} ${DECAY:+--decay-minutes "$DECAY"} > "$OUT/train.log" 2>&1
+  --threads 4 "${EXTRA[@]}" > "$OUT/train.log" 2>&1
 echo "train: exit $? after $(( $(date +%s) - T0 )) s"
 kill "$WATCHER" 2> /dev/null
 wait "$WATCHER" 2> /dev/null

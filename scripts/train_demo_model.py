@@ -668,7 +668,7 @@ def save_checkpoint(
         if state:
             tensors[f"adam_avg.{name}"] = state["exp_avg"].bfloat16().cpu()
             tensors[f"adam_sq.{name}"] = state["exp_avg_sq"].bfloat16().cpu()
-            adam_step = int(state["step"])
+            adam_step = max(adam_step, int(state["step"]))
     write_checkpoint(path, tensors, {**metadata, "adam_step": adam_step})
 
 
@@ -794,9 +794,10 @@ class Machine:
     """Decay the learning rate linearly to a tenth over the run's last minutes (`learning_rate`;
     needs --minutes)."""
     frozen_text: bool = False
-    """unet phase: train the UNet alone; the text encoder stays as it is, and the latent
-    cache's caption embeddings are computed once (its forward and backward passes cost about as
-    much as the UNet's at 77 tokens)."""
+    """unet phase, resumed: train the UNet alone; the text encoder's weights stay as they are
+    (their EMA copy, which the export ships, converges to them), and the latent cache's caption
+    embeddings are computed once (the encoder's forward and backward passes at 77 tokens cost
+    about as much as the UNet's)."""
 
     @property
     def decay_seconds(self) -> float | None:
@@ -1119,18 +1120,18 @@ def unet_phase(
     cache = None
     if config.unet_cache:
         cache = latent_cache(config, vae, tokenizer, photos, out, encoder, workers)
-    embedded = False
+    embedded, empty_context = False, empty
 
     def embed_captions() -> None:
         """Frozen text: the cache's and the empty caption's embeddings, once. Made at the first
         step, because run_phase loads the checkpoint's text encoder after this phase is built
         (2026-11-26: made here before, they came from a freshly initialised encoder)."""
-        nonlocal cache, empty, embedded
+        nonlocal cache, empty_context, embedded
         if cache is not None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             cache = cache.with_contexts(model, dtype)
         with torch.no_grad():
-            empty = model.encode(empty[None], device)[0]
+            empty_context = model.encode(empty[None], device)[0]
         embedded = True
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -1145,7 +1146,8 @@ def unet_phase(
             images, texts = training_batch(rng, size, share, photos)
             latents = encode_latents(vae, images.to(device), generator, scale)
             captions = tokenize(tokenizer, texts)
-        captions = drop_captions(captions, empty, rng, config.caption_dropout)
+        blank = empty if captions.dtype == torch.long else empty_context
+        captions = drop_captions(captions, blank, rng, config.caption_dropout)
         if captions.dtype == torch.long:  # token ids: through the text encoder
             with torch.set_grad_enabled(not frozen_text):
                 captions = model.encode(captions, device)
@@ -1245,6 +1247,12 @@ def run(
         raise SystemExit("--rebase belongs to --phase unet")
     if machine.frozen_text and phase != "unet":
         raise SystemExit("--freeze-text belongs to --phase unet")
+    if machine.frozen_text and not (resume and checkpoint_path(out, "unet").exists()):
+        raise SystemExit(
+            "--freeze-text continues a trained UNet phase: pass --resume, with a checkpoint"
+        )
+    if machine.decay_minutes is not None and machine.decay_minutes <= 0:
+        raise SystemExit(f"--decay-minutes must be above 0, got {machine.decay_minutes}")
     config = machine.apply(load_config(out, smoke=False), phase)
     if phase == "export":
         export_bundle(config, out, bundle or out / "bundle")

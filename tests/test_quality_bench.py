@@ -445,6 +445,11 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     assert resumed["status"] == "complete" and resumed["seconds"] > saved["seconds"]
     assert (tmp_path / "out" / "contact_sheet.png").is_file()
     assert (tmp_path / "out" / "examples" / "move-diffeditor.png").is_file()
+    # A finished run resumed runs nothing and keeps its time.
+    produced.clear()
+    quality.quality(settings, tmp_path / "out", docs=None, log=lambda _: None, resume=True)
+    again = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert produced == [] and again["seconds"] == pytest.approx(resumed["seconds"], abs=0.01)
     # The same numbers as one uninterrupted run.
     monkeypatch.setattr(quality, "produce", real)
     whole = quality.quality(settings, tmp_path / "whole", docs=None, log=lambda _: None)
@@ -455,7 +460,7 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     with pytest.raises(InputError, match="other settings"):
         quality.quality(other, tmp_path / "out", docs=None, log=lambda _: None, resume=True)
     monkeypatch.setattr(quality, "fingerprint", lambda pipe: "0123456789abcdef")
-    with pytest.raises(InputError, match="weights differ"):
+    with pytest.raises(InputError, match="differs from the run"):
         quality.quality(settings, tmp_path / "out", docs=None, log=lambda _: None, resume=True)
 
 
@@ -471,6 +476,13 @@ def test_the_fingerprint_follows_the_weights(pipe):
         finally:
             weight.copy_(kept)
     assert quality.fingerprint(pipe) == first
+    # So do the model's edit defaults (its dragondiffusion.json).
+    kept_defaults = pipe.edit_defaults
+    pipe.edit_defaults = replace(kept_defaults, overrides={"move": {"energy_scale": 1.0}})
+    try:
+        assert quality.fingerprint(pipe) != first
+    finally:
+        pipe.edit_defaults = kept_defaults
 
 
 def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsys):

@@ -171,8 +171,25 @@ def test_learning_rate_warms_up_then_decays_over_the_runs_last_minutes(train):
     assert rate(2.0, 500, seconds_left=30.0, **decay) == pytest.approx(1.0)
     assert rate(2.0, 500, seconds_left=1.0, **decay) == pytest.approx(0.2)  # the floor
     assert rate(2.0, 0, seconds_left=30.0, **decay) == pytest.approx(0.01)  # both at once
+
+
+def test_decay_needs_a_timed_run_and_freezing_a_trained_text_encoder(train, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--phase", "unet", "--decay-minutes", "2"])
+        train.main(["--phase", "unet", "--out", str(tmp_path), "--decay-minutes", "2"])
+    assert "--decay-minutes needs --minutes" in capsys.readouterr().err
+    _config, out = tiny_run(train, tmp_path, unet_cache=0)
+    train.run("vae", out, train.StopRule(None, 2), resume=False, bundle=None)
+    frozen = train.Machine(frozen_text=True)
+    with pytest.raises(SystemExit, match="--freeze-text continues a trained UNet"):
+        train.run("unet", out, train.StopRule(None, 2), resume=False, bundle=None, machine=frozen)
+    bad = train.Machine(decay_minutes=-1.0)
+    with pytest.raises(SystemExit, match="--decay-minutes must be above 0"):
+        train.run("unet", out, train.StopRule(1.0, 2), resume=False, bundle=None, machine=bad)
+    # Without a latent cache, a frozen run encodes each batch's token ids (and drops captions
+    # as ids: it used to mix ids and an embedding, and crash).
+    train.run("unet", out, train.StopRule(None, 2), resume=False, bundle=None)
+    train.run("unet", out, train.StopRule(None, 4), resume=True, bundle=None, machine=frozen)
+    assert train.read_metadata(train.checkpoint_path(out, "unet"))["step"] == 4
 
 
 def test_stop_rule(train):

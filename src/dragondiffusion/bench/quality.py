@@ -5,10 +5,10 @@ ablations (in the first mode), by a naive cut-paste-inpaint baseline (`baseline`
 (identity: the input itself), and each output is compared with the scene generator's exact
 expected image. One more row, exact, measures the expected image itself: what the measurements
 read off a perfect edit (their own noise: segmentation edges, patch tracking); and another, vae,
-the expected image after a round trip through the model's VAE: the best a latent-diffusion edit
-can do, since it re-synthesises every pixel through the VAE. Rows: variant ×
-edit; columns: the means over the scenes (NaN values, e.g. an empty vacated area, are left out of
-a mean; an infinite PSNR makes the mean infinite):
+the expected image after a round trip through the model's VAE: about the best a latent-diffusion
+edit can do, since it re-synthesises every pixel through the VAE (not a strict bound).
+Rows: variant × edit; columns: the means over the scenes (NaN values, e.g. an empty vacated
+area, are left out of a mean; an infinite PSNR makes the mean infinite):
 
 - found: share of scenes where the edited object was segmented in the output (metrics.segment:
   the largest connected set of pixels of the object's expected colours), at least FOUND_SHARE of
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .. import __version__
 from ..demo import prepare_output, run_example, write_png, write_text
 from ..edit_defaults import WEIGHTS
 from ..errors import InputError
@@ -105,8 +106,9 @@ class Variant:
 IDENTITY = Variant("identity", "identity (input)")
 EXACT = Variant("exact", "exact (expected image)")
 CEILING = Variant("vae", "exact through the VAE (ceiling)")
-"""The expected image encoded and decoded by the model's VAE: what a latent-diffusion edit could
-reach at best (it re-synthesises every pixel through the VAE)."""
+"""The expected image encoded and decoded by the model's VAE: about the best a latent-diffusion
+edit can reach, since it re-synthesises every pixel through the VAE (not a strict bound: another
+latent may decode closer, and keep_background pastes input pixels back)."""
 BASELINE = Variant("baseline", "baseline (cut-paste + Telea)")
 
 
@@ -329,10 +331,17 @@ class Earlier:
 
 
 def fingerprint(pipe: DragonPipeline) -> str:
-    """A short hash of the model's weights (UNet, text encoder, VAE): a run is continued only on
-    the very weights it began with. It reads at most 1024 evenly spaced values of each
-    parameter, so SD 1.5 costs no more than a tiny model."""
+    """A short hash of what the results depend on besides the settings: the model's weights
+    (UNet, text encoder, VAE: about 1024 evenly spaced values of each parameter, so SD 1.5
+    costs no more than a tiny model), its latent scale, its edit defaults (dragondiffusion.json)
+    and this package's version. A run is continued only where all of them are the same."""
     digest = hashlib.sha256()
+    context = (
+        __version__,
+        pipe.vae.config.scaling_factor,
+        sorted(pipe.edit_defaults.overrides.items()),
+    )
+    digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for part in (pipe.unet, pipe.text_encoder, pipe.vae):
         for name, parameter in part.named_parameters():
             flat = parameter.detach().flatten()
@@ -416,6 +425,7 @@ def run(
     variants = settings.variants()
     names = [v.name for v in variants]
     started, before = time.perf_counter(), earlier.seconds if earlier else 0.0
+    result.seconds = before
     for edit in settings.edits:
         cases = draw_cases(edit, settings.n, settings.seed, size)
         for k, case in enumerate(cases, 1):
@@ -487,13 +497,14 @@ def resumable(saved: dict[str, Any], pipe: DragonPipeline, folder: Path) -> Earl
     """The earlier run, once its model and device are known to be this run's."""
     if saved.get("fingerprint") != fingerprint(pipe):
         raise InputError(
-            f"--resume: the model's weights differ from those the run in {folder} began with; "
-            "give another --out to benchmark these weights"
+            f"--resume: the model (its weights or edit defaults) or the package's version "
+            f"differs from the run in {folder}; give another --out to benchmark this one"
         )
     if saved.get("device") != str(pipe.device):
         raise InputError(
-            f"--resume: the run in {folder} ran on {saved.get('device')}, not {pipe.device}; "
-            f"pass --device {saved.get('device')}, or give another --out"
+            f"--resume: the run in {folder} ran on {saved.get('device')}, this one on "
+            f"{pipe.device}; continue it on a machine where it picks the same device, or give "
+            "another --out"
         )
     return Earlier(saved["results"], float(saved.get("seconds", 0.0)))
 
