@@ -568,6 +568,8 @@ def test_set_adds_one_method_row_per_combination_of_weights():
     ]
     assert added[0].label == "dragon energy_scale=4000, w_edit=2"
     assert settings.command().endswith("--set energy_scale=4000,8000 --set w_edit=2")
+    precise = replace(settings, sweep=(("w_edit", (0.123456789,)),))
+    assert precise.command().endswith("--set w_edit=0.123456789")
 
 
 def test_set_refuses_unknown_weights_and_bad_values(capsys, tiny_bundle):

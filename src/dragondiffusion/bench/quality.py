@@ -233,7 +233,8 @@ class Settings:
             parts.append(f"--fewer-steps {self.fewer}")
         if not self.baseline:
             parts.append("--no-baseline")
-        parts += [f"--set {n}={','.join(f'{v:g}' for v in values)}" for n, values in self.sweep]
+        # .15g: every value as given (plain :g keeps 6 digits), e.g. for --resume to match.
+        parts += [f"--set {n}={','.join(f'{v:.15g}' for v in values)}" for n, values in self.sweep]
         parts += [f"--device {self.device}"] if self.device is not None else []
         parts += [f"--dtype {self.dtype}"] if self.dtype is not None else []
         return " ".join(parts)
