@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -462,6 +463,26 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     monkeypatch.setattr(quality, "fingerprint", lambda pipe: "0123456789abcdef")
     with pytest.raises(InputError, match="differs from the run"):
         quality.quality(settings, tmp_path / "out", docs=None, log=lambda _: None, resume=True)
+
+
+def test_one_benchmark_at_a_time_writes_to_a_folder(tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    with quality.folder_lock(out):
+        assert (out / quality.LOCK).read_text() == str(os.getpid())
+        taken = pytest.raises(InputError, match=r"another benchmark .* is writing to")
+        with taken, quality.folder_lock(out):
+            pass
+        # The folder holding only the lock is still the benchmark's own.
+        assert quality.prepare_output(out, quality.SUMMARY, "b", own=(quality.LOCK,)) == out
+    assert not (out / quality.LOCK).exists()
+    # A lock left by a process that has ended is taken over.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (out / quality.LOCK).write_text(ended)
+    with quality.folder_lock(out):
+        assert (out / quality.LOCK).read_text() == str(os.getpid())
 
 
 def test_the_fingerprint_follows_the_weights(pipe):

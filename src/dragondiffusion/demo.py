@@ -213,13 +213,16 @@ class DemoEdit:
         return self.result.record["evaluations"]["backward"]
 
 
-def prepare_output(out: str | Path, summary: str = SUMMARY, what: str = "demo") -> Path:
+def prepare_output(
+    out: str | Path, summary: str = SUMMARY, what: str = "demo", own: tuple[str, ...] = ()
+) -> Path:
     """The output folder of a `what` whose folders hold `summary`; refuses a file, or a folder
-    holding files that no such run wrote."""
+    holding files that no such run wrote (`own`: names such a run may leave before `summary`)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {str(path)!r} is a file; give a folder for the {what}'s pictures")
-    if path.is_dir() and any(path.iterdir()) and not (path / summary).is_file():
+    foreign = path.is_dir() and any(p.name not in own for p in path.iterdir())
+    if foreign and not (path / summary).is_file():
         raise InputError(
             f"--out {str(path)!r} already holds files that the {what} did not write; give a new "
             f"or empty folder (the {what} only overwrites its own earlier output)"

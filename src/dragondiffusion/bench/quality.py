@@ -32,13 +32,15 @@ area, are left out of a mean; an infinite PSNR makes the mean infinite):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import itertools
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -510,6 +512,49 @@ def resumable(saved: dict[str, Any], pipe: DragonPipeline, folder: Path) -> Earl
     return Earlier(saved["results"], float(saved.get("seconds", 0.0)))
 
 
+LOCK = ".running"
+"""Held in the output folder while a benchmark writes there (its process id)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`/.running while the block runs: a second benchmark writing to the same
+    folder (e.g. a --resume while the first still runs) would mix their results. A lock left by
+    a process that no longer runs (killed) is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            if text.isdigit() and process_alive(int(text)):
+                raise InputError(
+                    f"another benchmark (process {text}) is writing to {folder}; wait for it to "
+                    "end, or give another --out"
+                ) from None
+            path.unlink(missing_ok=True)  # stale: its process has ended
+    else:
+        raise InputError(f"could not take {path}; remove it if no benchmark is running")
+    os.write(handle, str(os.getpid()).encode())
+    os.close(handle)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def quality(
     settings: Settings,
     out: str | Path = "quality-bench",
@@ -523,14 +568,26 @@ def quality(
     quality.md (the section), contact_sheet.png, examples/ (the sheet's pictures). docs: the
     markdown file that gets the section `quality:<model>` (None: none). resume: continue the
     unfinished run in `out` (same settings, model weights and device): its finished cases are
-    kept, the rest run.
+    kept, the rest run. Only one benchmark at a time writes to a folder (`folder_lock`).
     """
+    folder = prepare_output(out, SUMMARY, "quality benchmark", own=(LOCK,))
+    with folder_lock(folder):
+        saved = read_earlier(folder, settings, resume)
+        if resume and saved is None:
+            log(f"--resume: no earlier run in {folder}; starting afresh")
+        return measured(settings, folder, docs, log, saved)
+
+
+def measured(
+    settings: Settings,
+    folder: Path,
+    docs: str | Path | None,
+    log: Callable[[str], None],
+    saved: dict[str, Any] | None,
+) -> QualityRun:
+    """`quality`'s work once the folder is checked and held."""
     from ..models import default_model, load
 
-    folder = prepare_output(out, SUMMARY, "quality benchmark")
-    saved = read_earlier(folder, settings, resume)
-    if resume and saved is None:
-        log(f"--resume: no earlier run in {folder}; starting afresh")
     if settings.baseline:
         require_cv2()  # fail now, not after the long run
     name = default_model() if settings.model is None else settings.model
