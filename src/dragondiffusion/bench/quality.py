@@ -13,6 +13,9 @@ area, are left out of a mean; an infinite PSNR makes the mean infinite):
 - found: share of scenes where the edited object was segmented in the output (metrics.segment:
   the largest connected set of pixels of the object's expected colours), at least FOUND_SHARE of
   the expected object's size;
+- size: the segmented object's area over the expected object's (NaN where not found): for
+  resize, whether the size changed as asked; compare with the exact row's (not exactly 1: edge
+  pixels blend with what lies behind the object);
 - place px / place cells: move, resize, appearance, paste: the distance between the centroid of
   the segmented object and that of the expected object (NaN where not found); drag: the distance
   between where the handle's content is found in the output (metrics.track_point: the input's
@@ -70,7 +73,7 @@ from .metrics import (
     segment,
     ssim,
 )
-from .report import brief, model_label, section, sheet, summary, table
+from .report import COLUMNS, brief, model_label, section, sheet, summary, table
 from .sections import write_section
 
 if TYPE_CHECKING:
@@ -310,6 +313,7 @@ def measure(case: Case, output: np.ndarray, cell_px: float) -> dict[str, float]:
     vacated = case.vacated(1) if case.edit in ("move", "resize") else np.zeros_like(obj)
     return {
         "found": float(found.any()),
+        "size": found.sum() / obj.sum() if found.any() else math.nan,
         "place_px": place,
         "place_cells": place / cell_px,
         "object_psnr": masked_psnr(output, truth, obj),
@@ -400,7 +404,10 @@ def earlier_case(
     rows = {
         r["variant"]: r
         for r in earlier.results
-        if r["edit"] == edit and r["case"] == k and r["seeds"] == list(case.seeds)
+        if r["edit"] == edit
+        and r["case"] == k
+        and r["seeds"] == list(case.seeds)
+        and all(key in r for key, _ in COLUMNS)  # measured with every metric of this version
     }
     return [rows[n] for n in names] if all(n in rows for n in names) else None
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("found", "found"),
+    ("size", "size"),
     ("place_px", "place px"),
     ("place_cells", "place cells"),
     ("object_psnr", "obj PSNR"),
@@ -43,7 +44,7 @@ def formatted(key: str, value: float) -> str:
         return "∞" if math.isinf(value) else f"{value:.1f}"
     if key in ("found", "ghost"):
         return f"{100 * value:.0f}%"
-    return f"{value:.2f}" if key.startswith("place") else f"{value:.3f}"
+    return f"{value:.2f}" if key.startswith("place") or key == "size" else f"{value:.3f}"
 
 
 def brief(metrics: dict[str, float]) -> str:
