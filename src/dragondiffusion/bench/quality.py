@@ -13,9 +13,10 @@ area, are left out of a mean; an infinite PSNR makes the mean infinite):
 - found: share of scenes where the edited object was segmented in the output (metrics.segment:
   the largest connected set of pixels of the object's expected colours), at least FOUND_SHARE of
   the expected object's size;
-- size: the segmented object's area over the expected object's (NaN where not found): for
-  resize, whether the size changed as asked; compare with the exact row's (not exactly 1: edge
-  pixels blend with what lies behind the object);
+- size: |log₂(segmented object's area / expected object's area)|, 0 for the right size, 1 for
+  double or half the area (NaN where not found): for resize, whether the size changed as asked
+  (a signed ratio would average enlargements and reductions away); the exact row's is not quite
+  0 (edge pixels blend with what lies behind the object);
 - place px / place cells: move, resize, appearance, paste: the distance between the centroid of
   the segmented object and that of the expected object (NaN where not found); drag: the distance
   between where the handle's content is found in the output (metrics.track_point: the input's
@@ -313,7 +314,7 @@ def measure(case: Case, output: np.ndarray, cell_px: float) -> dict[str, float]:
     vacated = case.vacated(1) if case.edit in ("move", "resize") else np.zeros_like(obj)
     return {
         "found": float(found.any()),
-        "size": found.sum() / obj.sum() if found.any() else math.nan,
+        "size": abs(math.log2(found.sum() / obj.sum())) if found.any() else math.nan,
         "place_px": place,
         "place_cells": place / cell_px,
         "object_psnr": masked_psnr(output, truth, obj),
