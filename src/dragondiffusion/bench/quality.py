@@ -420,6 +420,7 @@ def run(
     after_case: Callable[[QualityRun], None] | None = None,
     earlier: Earlier | None = None,
     folder: Path | None = None,
+    stamp: str | None = None,
 ) -> QualityRun:
     """Run every case of every edit through every variant and measure it.
 
@@ -427,12 +428,13 @@ def run(
     for the contact sheet. `after_case` gets the run so far after each case (to save partial
     results). earlier: an unfinished run of the same settings on the same model: its whole cases
     are taken over, not run again. folder: where the first cases' outputs are saved
-    (`EXAMPLES`), and read back for cases taken over (None: nothing written).
+    (`EXAMPLES`), and read back for cases taken over (None: nothing written). stamp: the
+    model's `fingerprint`, where the caller has taken it already.
     """
     size = pipe.native_resolution
     cell_px = cell_pixels(pipe, size)
     result = QualityRun(settings, settings.model or pipe.model_name, str(pipe.device), cell_px)
-    result.fingerprint = fingerprint(pipe)
+    result.fingerprint = stamp if stamp is not None else fingerprint(pipe)
     variants = settings.variants()
     names = [v.name for v in variants]
     started, before = time.perf_counter(), earlier.seconds if earlier else 0.0
@@ -442,8 +444,10 @@ def run(
         for k, case in enumerate(cases, 1):
             seeds = ", ".join(map(str, case.seeds))
             rows = earlier_case(earlier, edit, k, case, names)
-            examples = saved_examples(folder, edit, names) if k == 1 else {}
-            if rows is not None and examples is not None:
+            examples = None
+            if rows is not None:
+                examples = saved_examples(folder, edit, names) if k == 1 else {}
+            if examples is not None:
                 log(f"[{edit} {k}/{len(cases)}] scene {seeds}: measured by the earlier run")
                 result.results += rows
                 if k == 1:
@@ -504,9 +508,10 @@ def read_earlier(folder: Path, settings: Settings, resume: bool) -> dict[str, An
     return saved
 
 
-def resumable(saved: dict[str, Any], pipe: DragonPipeline, folder: Path) -> Earlier:
-    """The earlier run, once its model and device are known to be this run's."""
-    if saved.get("fingerprint") != fingerprint(pipe):
+def resumable(saved: dict[str, Any], pipe: DragonPipeline, stamp: str, folder: Path) -> Earlier:
+    """The earlier run, once its model (`stamp`: this model's `fingerprint`) and device are
+    known to be this run's."""
+    if saved.get("fingerprint") != stamp:
         raise InputError(
             f"--resume: the model (its weights or edit defaults) or the package's version "
             f"differs from the run in {folder}; give another --out to benchmark this one"
@@ -602,14 +607,15 @@ def measured(
     log(f"loading model {name} …")
     pipe = load(name, settings.device, settings.dtype)
     pipe.set_progress_bar_config(disable=True)
-    earlier = resumable(saved, pipe, folder) if saved is not None else None
+    stamp = fingerprint(pipe)
+    earlier = resumable(saved, pipe, stamp, folder) if saved is not None else None
     variants = settings.variants()
     log(
         f"{settings.n} scene(s) × {len(settings.edits)} edit(s) × {len(variants)} variant(s) at "
         f"{pipe.native_resolution} px on {pipe.device}; writing to {folder}/"
     )
     if earlier is None:
-        started = QualityRun(settings, name, str(pipe.device), 0, fingerprint=fingerprint(pipe))
+        started = QualityRun(settings, name, str(pipe.device), 0, fingerprint=stamp)
         write_text(folder / SUMMARY, summary(started, "incomplete"))
     # quality.json holds every finished case, so a run cut short (a time limit) still counts,
     # and --resume continues it.
@@ -620,6 +626,7 @@ def measured(
         lambda partial: write_text(folder / SUMMARY, summary(partial, "incomplete")),
         earlier,
         folder,
+        stamp,
     )
     text = section(done)
     atomic_write(
