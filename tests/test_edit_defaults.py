@@ -32,6 +32,7 @@ def test_overrides_replace_only_the_named_weights(tmp_path):
         ('{"weights": {"move": {"cfg": 1}}}', "move has no weight 'cfg'"),
         ('{"weights": {"move": {"energy_scale": "big"}}}', "must be a number"),
         ('{"weights": {"move": {"energy_scale": -1}}}', "finite and ≥ 0"),
+        ('{"weights": {"paste": {"blend_background": 2}}}', r"blend_background must lie in \[0, 1"),
         ('{"weights": {"move": [1, 2]}}', "object of numbers"),
     ],
 )

@@ -305,6 +305,7 @@ def test_variants_are_identity_exact_baseline_modes_then_ablations():
     assert not by_name["no-bank"].memory_bank and by_name["no-bank"].mode == "diffeditor"
     assert dict(by_name["no-content"].weights) == {"w_content": 0}
     assert dict(by_name["no-edit"].weights) == {"w_edit": 0}
+    assert dict(by_name["no-blend"].weights) == {"blend_background": 0}
     assert by_name["fewer-steps"].steps == 12 and by_name["dragon"].steps == 30
     assert by_name["keep-background"].keep_background and by_name["keep-background"].steps == 30
     assert not any(by_name[n].keep_background for n in ("diffeditor", "dragon", "no-bank"))
@@ -600,8 +601,10 @@ def test_set_adds_one_method_row_per_combination_of_weights():
 def test_set_refuses_unknown_weights_and_bad_values(capsys, tiny_bundle):
     with pytest.raises(InputError, match=r"w_inpaint.*appearance has no such weight.*w_content"):
         quality.Settings(edits=("move", "appearance"), sweep=(("w_inpaint", (1.0,)),))
-    with pytest.raises(InputError, match="finite values"):
+    with pytest.raises(InputError, match="--set k: every value must be finite and ≥ 0"):
         quality.Settings(edits=("move",), sweep=(("k", (math.nan,)),))
+    with pytest.raises(InputError, match=r"blend_background: every value must lie in \[0, 1\]"):
+        quality.Settings(edits=("move",), sweep=(("blend_background", (0.0, 2.0)),))
     for bad in ("energy_scale", "energy_scale=", "=1", "energy_scale=a,b"):
         code = main(["bench", "quality", "--model", str(tiny_bundle), "--set", bad])
         assert code == 2

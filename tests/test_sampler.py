@@ -1,10 +1,14 @@
 """The guided DDIM step: guidance enters x̂0 only; the direction term keeps the unguided noise."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from dragondiffusion import sampler as sampler_module
 from dragondiffusion.attention import BankMode
 from dragondiffusion.ddim import DDIMTimesteps, predict_x0, step_to
+from dragondiffusion.errors import InputError
 from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
 
 
@@ -30,3 +34,59 @@ def test_guidance_enters_x0_only(pipe, inversion, monkeypatch):
     assert torch.allclose(guided, step_to(predict_x0(z, eps + g, a), eps, a_next), atol=1e-5)
     both_terms = step_to(predict_x0(z, eps + g, a), eps + g, a_next)
     assert not torch.allclose(guided, both_terms, atol=1e-3)
+
+
+def blend_sampler(pipe, inversion, share, seen):
+    """A plain (unguided) sampler over `inversion` whose plan edits a 4×4-cell box and blends the
+    background back for `share` of the steps; `seen` collects each step's output."""
+    z = inversion.latents[-1]
+    region = torch.zeros_like(z[:, :1], dtype=torch.bool)
+    region[..., 6:10, 8:12] = True
+    n = inversion.num_steps
+    plan = EditPlan(
+        "test", z, None, region.float(), BankMode.OFF, range(0), 1.0, 0.0, 0.0,
+        sde_mask=region, blend_background=share,
+    )  # fmt: skip
+    cond, uncond = pipe.encode_text(inversion.prompts[0])
+    sampler = Sampler(
+        pipe.unet, pipe.features, pipe.memory_bank, inversion, plan,
+        GuidanceSchedule("test", n, frozenset()), DDIMTimesteps(pipe.scheduler, n), cond, uncond,
+        Evaluations(), callback=lambda info: seen.append(info["z"].clone()),
+    )  # fmt: skip
+    outside = torch.ones_like(region)
+    outside[..., 5:11, 7:13] = False  # the region grown by one cell
+    return sampler, outside.expand_as(z)
+
+
+def test_background_blending_resets_the_latent_outside_the_region(pipe, inversion):
+    n = inversion.num_steps
+    seen: list[torch.Tensor] = []
+    sampler, outside = blend_sampler(pipe, inversion, 1.0, seen)
+    z0 = sampler.run()
+    for i, z in enumerate(seen[:-1]):
+        assert torch.equal(z[outside], inversion.at_step(i + 1)[:1][outside]), i
+    assert torch.equal(z0[outside], inversion.latents[0][outside]), "the input, exactly"
+    free: list[torch.Tensor] = []
+    plain = blend_sampler(pipe, inversion, 0.0, free)[0].run()
+    assert not torch.allclose(plain[outside], inversion.latents[0][outside], atol=1e-3)
+    inside = ~outside
+    inside[..., 5:11, 7:13] = False
+    inside[..., 6:10, 8:12] = True
+    assert not torch.allclose(z0[inside], inversion.latents[0][inside], atol=1e-3)
+    # Half the steps: blended for the first n/2, free afterwards.
+    half: list[torch.Tensor] = []
+    blend_sampler(pipe, inversion, 0.5, half)[0].run()
+    k = n // 2
+    assert torch.equal(half[k - 1][outside], inversion.at_step(k)[:1][outside])
+    assert not torch.equal(half[k][outside], inversion.at_step(k + 1)[:1][outside])
+
+
+def test_background_blending_is_a_share_of_the_steps():
+    z = torch.zeros(1, 4, 8, 8)
+    plan = EditPlan("test", z, None, z[:, :1], BankMode.OFF, range(0), 1.0, 0.0, 0.0)
+    assert replace(plan, blend_background=1.0).blend_steps(50) == 0, "no region, no blending"
+    region = torch.ones_like(z[:, :1], dtype=torch.bool)
+    assert replace(plan, sde_mask=region, blend_background=0.6).blend_steps(50) == 30
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="blend_background"):
+            replace(plan, blend_background=bad)

@@ -29,6 +29,17 @@ WEIGHTS: dict[str, type] = {
     "paste": PasteWeights,
 }
 """The weights dataclass of each pipeline edit (resize is `move`)."""
+UPPER_BOUNDS = {"blend_background": 1.0}
+"""Weights with a largest value (a share of the steps); every weight is finite and ≥ 0."""
+
+
+def weight_problem(name: str, value: float) -> str | None:
+    """What is wrong with `value` for weight `name`, or None: finite, ≥ 0, within its bound."""
+    if not math.isfinite(value) or value < 0:
+        return "must be finite and ≥ 0"
+    if value > UPPER_BOUNDS.get(name, math.inf):
+        return f"must lie in [0, {UPPER_BOUNDS[name]:g}]"
+    return None
 
 
 @dataclass(frozen=True)
@@ -63,8 +74,9 @@ class EditDefaults:
                     )
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise InputError(f"{source}: {edit}.{name} must be a number, not {value!r}")
-                if not math.isfinite(value) or value < 0:
-                    raise InputError(f"{source}: {edit}.{name} must be finite and ≥ 0")
+                problem = weight_problem(name, value)
+                if problem:
+                    raise InputError(f"{source}: {edit}.{name} {problem}")
             overrides[edit] = {name: float(value) for name, value in values.items()}
         return cls(overrides, source)
 

@@ -5,6 +5,11 @@ direction term keeps the unguided noise (upstream §1.4). The gradient is region
 g = k·E_scale·[M ⊙ ∇E_edit + (1−M) ⊙ ∇E_content], taken w.r.t. the current latent through a
 feature-only pass of the same UNet (plain attention, conditional text only).
 
+Background blending (optional, not upstream's; Blended Latent Diffusion's device): after each of
+the first `blend_background`·N steps, the latent outside the edit's region (the plan's SDE mask
+grown by one latent cell) is set back to the inversion's latent at the same noise level, so the
+edit is generated against the input's own surroundings instead of a re-synthesised copy of them.
+
 Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
 (DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,
 time travel at steps 22–28). Step indices are given for 50 steps and scale with the step count.
@@ -19,7 +24,9 @@ import torch
 
 from .attention import BankMode, MemoryBank
 from .ddim import DDIMTimesteps, invert_step, predict_x0, sigma, step_to
+from .errors import InputError
 from .features import FeatureExtractor, energy_grid, upsample
+from .geometry import grow
 from .inversion import Inversion
 
 EnergyFn = Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -118,6 +125,23 @@ class EditPlan:
     sde_mask: torch.Tensor | None = None
     composite_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     params: dict = field(default_factory=dict)
+    blend_background: float = 0.0
+    """Share of the steps, from the first, after which the latent outside the SDE mask (grown by
+    one cell) is reset to the inversion's: 0 never (upstream), 1 every step (the last one leaves
+    the encoded input there exactly). Needs `sde_mask`."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.blend_background <= 1.0:
+            raise InputError(
+                f"blend_background must lie in [0, 1] (a share of the steps), "
+                f"got {self.blend_background}"
+            )
+
+    def blend_steps(self, num_steps: int) -> int:
+        """How many steps, from the first, end with the background blended back."""
+        if self.sde_mask is None:
+            return 0
+        return round(self.blend_background * num_steps)
 
 
 @dataclass
@@ -273,9 +297,16 @@ class Sampler:
         self.counts.rollback += z_next.shape[0]
         return invert_step(z_next, eps, self.steps.alpha_next[i], self.steps.alpha[i])
 
+    def blend(self, i: int, z: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+        """Step i's output z with the inversion's latent at the next noise level where `outside`
+        is 1 (after the last step: the encoded input, z_0)."""
+        return outside * self.inversion.at_step(i + 1)[:1] + (1 - outside) * z
+
     @torch.no_grad()
     def run(self) -> torch.Tensor:
         z = self.plan.z_init
+        blended = self.plan.blend_steps(len(self.steps))
+        outside = None if not blended else 1 - grow(self.plan.sde_mask.to(z.dtype), 1)
         self.bank.store = self.inversion.memory
         self.bank.composite_masks = self.plan.composite_masks
         guided_edit = self.plan.energy_scale > 0
@@ -289,7 +320,7 @@ class Sampler:
                     # No rollback after the last run: upstream computed and discarded one.
                     if run < runs - 1:
                         z = self.rollback(i, z_next)
-                z = z_next
+                z = z_next if outside is None or i >= blended else self.blend(i, z_next, outside)
                 if self.callback is not None:
                     self.callback({"i": i, "z": z, "guided": guided, "runs": runs})
         finally:

@@ -54,7 +54,7 @@ from PIL import Image
 
 from .. import __version__
 from ..demo import prepare_output, run_example, write_png, write_text
-from ..edit_defaults import WEIGHTS
+from ..edit_defaults import WEIGHTS, weight_problem
 from ..errors import InputError
 from ..features import energy_grid
 from ..geometry import dilate
@@ -126,6 +126,9 @@ def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
         return Variant(name, f"{mode} − content energy", mode, steps, weights=(("w_content", 0),))
     if name == "no-edit":
         return Variant(name, f"{mode} − edit energy", mode, steps, weights=(("w_edit", 0),))
+    if name == "no-blend":
+        weights = (("blend_background", 0),)
+        return Variant(name, f"{mode} − background blending", mode, steps, weights=weights)
     if name == "fewer-steps":
         return Variant(name, f"{mode}, {fewer_steps} steps", mode, fewer_steps)
     if name == "keep-background":
@@ -199,8 +202,10 @@ class Settings:
                         f"--set {name}: {edit} has no such weight; its weights are "
                         f"{', '.join(known)}"
                     )
-            if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-                raise InputError(f"--set {name}: give finite values ≥ 0, e.g. {name}=1,2")
+            problems = [weight_problem(name, v) for v in values]
+            if not values or any(problems):
+                problem = next((p for p in problems if p), "must be finite and ≥ 0")
+                raise InputError(f"--set {name}: every value {problem}, e.g. {name}=0,1")
 
     @property
     def fewer(self) -> int:

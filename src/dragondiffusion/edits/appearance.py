@@ -29,6 +29,7 @@ class AppearanceWeights:
     k: float = 0.04
     w_edit: float = 3.5
     w_content: float = 5.0
+    blend_background: float = 0.0  # not upstream: see sampler.EditPlan
 
 
 def plan_appearance(
@@ -76,6 +77,7 @@ def plan_appearance(
         guidance_scale=w.guidance_scale,
         energy_scale=w.energy_scale,
         k=w.k,
+        blend_background=w.blend_background,
         sde_mask=base_latent,
         composite_masks=(mask, reference_mask),
         params={"weights": asdict(w)},

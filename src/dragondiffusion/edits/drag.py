@@ -42,6 +42,7 @@ class DragWeights:
     w_edit: float = 4.0
     w_content: float = 6.0
     w_inpaint: float = 0.2
+    blend_background: float = 0.0  # not upstream: see sampler.EditPlan
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ def plan_drag(
         guidance_scale=w.guidance_scale,
         energy_scale=w.energy_scale,
         k=w.k,
+        blend_background=w.blend_background,
         sde_mask=editable_latent,
         params={
             "cells": [[list(p.handle), list(p.target)] for p in pairs],

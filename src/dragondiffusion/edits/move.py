@@ -43,6 +43,7 @@ class MoveWeights:
     w_content: float = 6.0
     w_contrast: float = 0.2
     w_inpaint: float = 0.8
+    blend_background: float = 0.0  # not upstream: see sampler.EditPlan
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def plan_move(
         guidance_scale=w.guidance_scale,
         energy_scale=w.energy_scale,
         k=w.k,
+        blend_background=w.blend_background,
         sde_mask=target_latent | object_latent.bool(),
         params={"scale": scale, "weights": asdict(w)},
     )

@@ -43,6 +43,7 @@ class PasteWeights:
     k: float = 0.04
     w_edit: float = 4.0
     w_content: float = 6.0
+    blend_background: float = 0.0  # not upstream: see sampler.EditPlan
 
 
 def plan_paste(
@@ -100,6 +101,7 @@ def plan_paste(
         guidance_scale=w.guidance_scale,
         energy_scale=w.energy_scale,
         k=w.k,
+        blend_background=w.blend_background,
         sde_mask=pasted_latent,
         composite_masks=(pasted_full.float(), reference_mask),
         params={"scale": scale, "weights": asdict(w)},
