@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dragondiffusion.edits.move import move_masks, plan_move
+from dragondiffusion.edits.move import MoveWeights, move_masks, plan_move
 from dragondiffusion.errors import InputError
 from dragondiffusion.features import energy_grid, upsample
 from dragondiffusion.sampler import Evaluations, energy_gradient
@@ -184,3 +184,24 @@ def test_models_with_more_latent_channels_edit_end_to_end(tmp_path, scene):
     result = pipe8.move(inversion, mask, (35, 45), (100, 45), num_inference_steps=4, seed=0)
     assert result.image.size == (160, 96)
     assert result.record["evaluations"]["backward"] > 0
+
+
+def test_vacated_noise_replaces_the_start_latent_where_the_object_left_only(inversion):
+    mask = square_mask(SIZE, (24, 40, 56, 72))  # latent cells x 3-6, y 5-8
+    args = (inversion, mask, (40, 56), (100, 56), 1.0, None)
+    kept = plan_move(*args)
+    fresh = plan_move(*args, MoveWeights(vacated_noise=1.0), seed=5)
+    half = plan_move(*args, MoveWeights(vacated_noise=0.5), seed=5)
+    z_T = inversion.latents[-1][:1]
+    vacated = (kept.sde_mask & ~kept.edit_mask.bool()).expand_as(z_T)
+    assert vacated[0, 0, 5:9, 3:7].all() and vacated.sum() == 4 * 16
+    assert torch.equal(kept.z_init[vacated], z_T[vacated])  # upstream: the object's own noise
+    assert torch.equal(fresh.z_init[~vacated], kept.z_init[~vacated])
+    assert not torch.allclose(fresh.z_init[vacated], z_T[vacated], atol=0.1)
+    mixed = 0.5**0.5 * z_T[vacated] + 0.5**0.5 * fresh.z_init[vacated]
+    assert torch.allclose(half.z_init[vacated], mixed, atol=1e-6)
+    other_seed = plan_move(*args, MoveWeights(vacated_noise=1.0), seed=6)
+    assert not torch.equal(other_seed.z_init[vacated], fresh.z_init[vacated])
+    assert torch.equal(
+        plan_move(*args, MoveWeights(vacated_noise=1.0), seed=5).z_init, fresh.z_init
+    )

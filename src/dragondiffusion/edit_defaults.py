@@ -29,8 +29,8 @@ WEIGHTS: dict[str, type] = {
     "paste": PasteWeights,
 }
 """The weights dataclass of each pipeline edit (resize is `move`)."""
-UPPER_BOUNDS = {"blend_background": 1.0}
-"""Weights with a largest value (a share of the steps); every weight is finite and ≥ 0."""
+UPPER_BOUNDS = {"blend_background": 1.0, "vacated_noise": 1.0}
+"""Weights with a largest value (shares); every weight is finite and ≥ 0."""
 
 
 def weight_problem(name: str, value: float) -> str | None:

@@ -530,6 +530,7 @@ class DragonPipeline(StableDiffusionPipeline):
             scale,
             region,
             weights or self.edit_defaults.weights("move"),
+            seed=opts.seed,
         )
         plan.params.update({"from": list(source), "to": list(target)})
         plan.params["weights_from"] = self.weights_from(weights)

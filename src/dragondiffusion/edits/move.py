@@ -44,6 +44,10 @@ class MoveWeights:
     w_contrast: float = 0.2
     w_inpaint: float = 0.8
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
+    vacated_noise: float = 0.0
+    """Not upstream: share of fresh Gaussian noise in the start latent where the object was and
+    no longer is, z = √(1−s)·z_T + √s·ε (0 keeps the object's inverted noise there, which
+    tends to regrow it; 1 replaces it)."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,10 @@ def plan_move(
     scale: float = 1.0,
     reference_region: torch.Tensor | None = None,
     weights: MoveWeights | None = None,
+    seed: int = 0,
 ) -> EditPlan:
     """Build the move plan; `mask`/`reference_region` are (1, 1, H, W) at working size, points in
-    working-image pixels."""
+    working-image pixels; `seed` draws the vacated area's fresh noise (weights.vacated_noise)."""
     w = weights or MoveWeights()
     size = inversion.working_size
     z_T = inversion.latents[-1][:1]
@@ -132,6 +137,11 @@ def plan_move(
         warp(object_latent, size, src, dst, scale) > 0.5, "the moved object on the latent grid"
     )
     z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
+    if w.vacated_noise > 0:
+        vacated_latent = object_latent.bool() & ~target_latent
+        noise = torch.randn(z_T.shape, generator=torch.Generator().manual_seed(seed))
+        fresh = (1 - w.vacated_noise) ** 0.5 * z_T + w.vacated_noise**0.5 * noise.to(z_T)
+        z_init = torch.where(vacated_latent, fresh, z_init)
     n = inversion.num_steps
     return EditPlan(
         edit="move",
