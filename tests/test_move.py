@@ -103,6 +103,7 @@ def test_move_end_to_end_counts_and_record(pipe, scene):
     }
     assert rec["schedule"]["guided"] == list(range(30))
     assert rec["schedule"]["sde"] == [] and rec["schedule"]["time_travel"] == []
+    assert rec["schedule"]["background_blended"] == 0  # upstream's weights: no blending
     assert rec["bank"] == {"mode": "replace", "steps": [5, 50]}
     assert rec["from"] == [35, 45] and rec["to"] == [100, 45] and rec["scale"] == 1.0
     assert rec["weights"]["w_edit"] == 4.0 and rec["guidance_scale"] == 4.0
@@ -205,3 +206,24 @@ def test_vacated_noise_replaces_the_start_latent_where_the_object_left_only(inve
     assert torch.equal(
         plan_move(*args, MoveWeights(vacated_noise=1.0), seed=5).z_init, fresh.z_init
     )
+
+
+def test_vacated_noise_is_not_the_noise_the_regional_sde_draws_and_is_checked(inversion):
+    """The sampler's generator, seeded with the edit's seed, draws the SDE's noise; the vacated
+    area's noise must come from another stream, or the SDE would push along the start noise."""
+    mask = square_mask(SIZE, (24, 40, 56, 72))
+    args = (inversion, mask, (40, 56), (100, 56), 1.0, None)
+    plan = plan_move(*args, MoveWeights(vacated_noise=1.0), seed=42)
+    vacated = (plan.sde_mask & ~plan.edit_mask.bool()).expand_as(plan.z_init)
+    sde_noise = torch.randn(plan.z_init.shape, generator=torch.Generator().manual_seed(42))
+    assert not torch.allclose(plan.z_init[vacated], sde_noise[vacated], atol=0.1)
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(InputError, match="vacated_noise must lie in"):
+            plan_move(*args, MoveWeights(vacated_noise=bad))
+
+
+def test_the_record_counts_the_blended_steps(pipe, inversion, scene):
+    weights = MoveWeights(blend_background=0.5, vacated_noise=1.0)
+    result = pipe.move(inversion, scene[1], (35, 45), (100, 45), weights=weights)
+    assert result.record["schedule"]["background_blended"] == inversion.num_steps // 2
+    assert result.record["weights"]["vacated_noise"] == 1.0

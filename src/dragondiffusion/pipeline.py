@@ -455,6 +455,7 @@ class DragonPipeline(StableDiffusionPipeline):
                 "repeats": schedule.repeats,
                 "eta_inside": schedule.eta_inside,
                 "eta_outside": schedule.eta_outside,
+                "background_blended": plan.blend_steps(inversion.num_steps),
             },
             "guidance_scale": plan.guidance_scale,
             "energy_scale": plan.energy_scale,

@@ -18,6 +18,7 @@ import torch
 
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
+from ..errors import InputError
 from ..features import energy_grid
 from ..geometry import (
     Point,
@@ -30,6 +31,10 @@ from ..geometry import (
 )
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
+
+VACATED_NOISE_STREAM = 0x5EED
+"""Offset of the seed of the vacated area's noise from the edit's seed, which the sampler's
+regional SDE draws from: the two must not be the same numbers."""
 
 
 @dataclass(frozen=True)
@@ -137,9 +142,13 @@ def plan_move(
         warp(object_latent, size, src, dst, scale) > 0.5, "the moved object on the latent grid"
     )
     z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
+    if not 0 <= w.vacated_noise <= 1:
+        raise InputError(f"vacated_noise must lie in [0, 1] (a share), got {w.vacated_noise}")
     if w.vacated_noise > 0:
         vacated_latent = object_latent.bool() & ~target_latent
-        noise = torch.randn(z_T.shape, generator=torch.Generator().manual_seed(seed))
+        # Its own stream: the sampler's generator (seeded with `seed`) draws the SDE's noise.
+        stream = torch.Generator().manual_seed((seed + VACATED_NOISE_STREAM) % 2**63)
+        noise = torch.randn(z_T.shape, generator=stream)
         fresh = (1 - w.vacated_noise) ** 0.5 * z_T + w.vacated_noise**0.5 * noise.to(z_T)
         z_init = torch.where(vacated_latent, fresh, z_init)
     n = inversion.num_steps
