@@ -34,6 +34,7 @@ def test_overrides_replace_only_the_named_weights(tmp_path):
         ('{"weights": {"move": {"energy_scale": -1}}}', "finite and ≥ 0"),
         ('{"weights": {"paste": {"blend_background": 2}}}', r"blend_background must lie in \[0, 1"),
         ('{"weights": {"move": [1, 2]}}', "object of numbers"),
+        ('{"weights": {"move": {"k": 1' + "0" * 400 + "}}}", "finite and ≥ 0"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path, text, message):

@@ -87,6 +87,6 @@ def test_background_blending_is_a_share_of_the_steps():
     assert replace(plan, blend_background=1.0).blend_steps(50) == 0, "no region, no blending"
     region = torch.ones_like(z[:, :1], dtype=torch.bool)
     assert replace(plan, sde_mask=region, blend_background=0.6).blend_steps(50) == 30
-    for bad in (-0.1, 1.5, float("nan")):
+    for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(InputError, match="blend_background"):
             replace(plan, blend_background=bad)

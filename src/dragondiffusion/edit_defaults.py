@@ -35,6 +35,10 @@ UPPER_BOUNDS = {"blend_background": 1.0, "vacated_noise": 1.0}
 
 def weight_problem(name: str, value: float) -> str | None:
     """What is wrong with `value` for weight `name`, or None: finite, ≥ 0, within its bound."""
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer beyond float's range
+        return "must be finite and ≥ 0"
     if not math.isfinite(value) or value < 0:
         return "must be finite and ≥ 0"
     if value > UPPER_BOUNDS.get(name, math.inf):

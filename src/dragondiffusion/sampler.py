@@ -131,7 +131,7 @@ class EditPlan:
     the encoded input there exactly). Needs `sde_mask`."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.blend_background <= 1.0:
+        if isinstance(self.blend_background, bool) or not 0.0 <= self.blend_background <= 1.0:
             raise InputError(
                 f"blend_background must lie in [0, 1] (a share of the steps), "
                 f"got {self.blend_background}"
