@@ -66,3 +66,44 @@ def test_bundles_without_the_file_keep_upstream_weights(pipe, inversion, scene):
     result = pipe.move(inversion, scene[1], (35, 45), (60, 45), num_inference_steps=10)
     assert result.record["guidance_scale"] == MoveWeights().guidance_scale
     assert result.record["weights_from"] == "upstream"
+    assert result.record["feature_blocks"] == [1, 2]
+
+
+def test_a_bundle_can_name_the_feature_blocks_of_its_energies(tiny_bundle, tmp_path, scene):
+    written = EditDefaults({"move": {"guidance_scale": 1.0}}, feature_blocks={"move": (2,)})
+    assert EditDefaults.read(written.write(tmp_path).parent).feature_blocks == {"move": (2,)}
+    bundle = tmp_path / "fine"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / DEFAULTS_FILE).write_text(json.dumps({"feature_blocks": {"move": [2]}}))
+    pipe = dragondiffusion.load(bundle, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.features_for("move").blocks == (2,) and pipe.features_for("drag").blocks == (1, 2)
+    image, mask = scene
+    inversion = pipe.invert(image, "a red square", num_inference_steps=4)
+    result = pipe.move(inversion, mask, (35, 45), (60, 45), num_inference_steps=4)
+    assert result.record["feature_blocks"] == [2]
+    assert result.record["guidance_scale"] == MoveWeights().guidance_scale  # weights optional
+    dragged = pipe.drag(image, mask, [((35, 45), (45, 45))], num_inference_steps=4)
+    assert dragged.record["feature_blocks"] == [1, 2]
+    (bundle / DEFAULTS_FILE).write_text(json.dumps({"feature_blocks": {"paste": [7]}}))
+    with pytest.raises(InputError, match=r"decoder blocks \(0 to 3\), got \[7\]"):
+        dragondiffusion.load(bundle, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{}", "both optional"),
+        ('{"weights": {}, "layers": [2]}', "both optional"),
+        ('{"feature_blocks": [2]}', "must map edits to decoder block indices"),
+        ('{"feature_blocks": {"rotate": [2]}}', "feature_blocks: unknown edit 'rotate'"),
+        ('{"feature_blocks": {"move": 2}}', "of move must be a non-empty list"),
+        ('{"feature_blocks": {"move": []}}', "non-empty list"),
+        ('{"feature_blocks": {"move": [true]}}', "non-empty list"),
+        ('{"feature_blocks": {"move": [1.5]}}', "non-empty list"),
+    ],
+)
+def test_bad_feature_blocks_are_clear_errors(tmp_path, text, message):
+    (tmp_path / DEFAULTS_FILE).write_text(text)
+    with pytest.raises(InputError, match=message):
+        EditDefaults.read(tmp_path)

@@ -46,6 +46,16 @@ def test_zero_length_drag_and_empty_regions(inversion):
         plan_drag(inversion, mask, [])
 
 
+def test_drag_points_outside_the_editable_region_are_refused(inversion):
+    """Energy grid cells are 4 working px; a point one cell beyond the region is accepted."""
+    region = box(SIZE, 32, 32, 96, 64)  # cells x 8-23, y 8-15
+    plan_drag(inversion, region, [((40, 40), (99, 67))])  # target in cell (24, 16): one out
+    with pytest.raises(InputError, match="the target of drag pair 2 lies outside"):
+        plan_drag(inversion, region, [((40, 40), (80, 40)), ((40, 40), (150, 40))])
+    with pytest.raises(InputError, match="the handle of drag pair 1 lies outside"):
+        plan_drag(inversion, region, [((10, 10), (40, 40))])
+
+
 def test_paste_is_clipped_not_wrapped_and_copies_reference_noise(pipe, scene):
     img, _mask = scene
     inv = pipe.invert(img, "a scene", 4, reference=img[:, ::-1].copy())

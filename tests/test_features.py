@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from dragondiffusion.errors import InputError
 from dragondiffusion.features import FeatureExtractor, energy_grid, feature_blocks, upsample
 
 
@@ -61,3 +63,15 @@ def test_one_unet_serves_denoising_features_and_bank(pipe):
         for p in m.parameters()
     ]
     assert not any(p.data_ptr() in unet_params for p in other)
+
+
+def test_chosen_blocks_stop_after_the_last_one_and_bad_choices_are_refused(pipe):
+    z = torch.randn(1, 4, 16, 16)
+    text, _ = pipe.encode_text("a blue ring")
+    (fine,) = FeatureExtractor(pipe.unet, (2,))(z, 400, text)
+    both = FeatureExtractor(pipe.unet)(z, 400, text)
+    assert torch.equal(fine, both[1])
+    assert FeatureExtractor(pipe.unet, (2, 1)).blocks == (1, 2)
+    for bad in [(), (4,), (-1,), (1, 1), (True,), (1.0,)]:
+        with pytest.raises(InputError, match="distinct indices of the UNet's 4 decoder blocks"):
+            FeatureExtractor(pipe.unet, bad)

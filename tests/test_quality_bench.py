@@ -24,6 +24,7 @@ from dragondiffusion.bench import ABLATIONS, EDITS, baseline, cases, metrics, qu
 from dragondiffusion.bench.sections import write_section
 from dragondiffusion.cli import main
 from dragondiffusion.errors import InputError
+from dragondiffusion.features import FeatureExtractor
 from dragondiffusion.geometry import dilate
 from dragondiffusion.model_report import masked_psnr, psnr
 
@@ -309,6 +310,7 @@ def test_variants_are_identity_exact_baseline_modes_then_ablations():
     assert by_name["fewer-steps"].steps == 12 and by_name["dragon"].steps == 30
     assert by_name["keep-background"].keep_background and by_name["keep-background"].steps == 30
     assert not any(by_name[n].keep_background for n in ("diffeditor", "dragon", "no-bank"))
+    assert by_name["two-blocks"].upstream_features and not by_name["diffeditor"].upstream_features
     assert "--fewer-steps 12" in settings.command()
     assert "baseline" not in [v.name for v in quality.Settings(baseline=False).variants()]
 
@@ -326,6 +328,29 @@ def test_memory_bank_option_switches_the_bank_off(pipe, inversion, scene):
         used[on] = list(bank.used)
         assert result.record["bank"]["steps"][1] == (10 if on else 0)
     assert used[True] and not used[False]
+
+
+def test_two_blocks_ablation_edits_with_both_decoder_blocks_then_restores_the_models(
+    pipe, drawn, monkeypatch
+):
+    seen = []
+
+    def fake_run(pipe, example, steps, store, seed, **options):
+        seen.append(pipe.features_for(example.edit).blocks)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(quality, "run_example", fake_run)
+    chosen = pipe.feature_overrides
+    pipe.feature_overrides = {"move": FeatureExtractor(pipe.unet, (2,))}
+    try:
+        variants = {v.name: v for v in quality.Settings(steps=4).variants()}
+        for name in ("diffeditor", "two-blocks"):
+            with pytest.raises(RuntimeError, match="stop after"):
+                quality.produce(pipe, drawn["move"][0], variants[name], {}, 0, 4.0)
+            assert pipe.features_for("move").blocks == (2,)
+    finally:
+        pipe.feature_overrides = chosen
+    assert seen == [(2,), (1, 2)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -342,8 +342,11 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"model: {pipe.model_name}")
     print("parameters: " + ", ".join(f"{n} {v / 1e6:.2f} M" for n, v in params.items()))
     print(f"native resolution: {pipe.native_resolution} px; sides multiple of {pipe.size_multiple}")
+    own = "".join(
+        f"; {edit}: up_blocks{list(f.blocks)}" for edit, f in pipe.feature_overrides.items()
+    )
     print(
-        f"feature blocks: up_blocks{list(pipe.features.blocks)}; "
+        f"feature blocks: up_blocks{list(pipe.features.blocks)}{own}; "
         f"memory-bank layers: {len(pipe.bank_layers)}"
     )
 

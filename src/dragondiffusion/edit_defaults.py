@@ -7,7 +7,9 @@ and a stronger energy. Such a bundle carries them in `dragondiffusion.json` at i
     {"weights": {"move": {"guidance_scale": 1.0, "energy_scale": 2000.0}, ...}}
 
 Each entry replaces the named fields of that edit's weights dataclass; weights passed to an edit
-still win. Bundles without the file (SD 1.5 and every other model) keep upstream's values.
+still win. An optional `"feature_blocks": {"move": [2]}` names, per edit, the decoder blocks
+(indices of `unet.up_blocks`) whose features the energies compare, instead of DragonDiffusion's
+two. Bundles without the file (SD 1.5 and every other model) keep upstream's values.
 """
 
 from __future__ import annotations
@@ -46,6 +48,35 @@ def weight_problem(name: str, value: float) -> str | None:
     return None
 
 
+def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:
+    """The file's "feature_blocks": edit → a non-empty list of whole numbers ({} if absent;
+    whether the UNet has those blocks is checked when the model is loaded)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(
+            f"{source}: feature_blocks must map edits to decoder block indices, "
+            f'e.g. {{"move": [2]}}'
+        )
+    blocks: dict[str, tuple[int, ...]] = {}
+    for edit, indices in value.items():
+        if edit not in WEIGHTS:
+            raise InputError(
+                f"{source}: feature_blocks: unknown edit {edit!r}; use {', '.join(WEIGHTS)}"
+            )
+        if (
+            not isinstance(indices, list)
+            or not indices
+            or any(isinstance(b, bool) or not isinstance(b, int) for b in indices)
+        ):
+            raise InputError(
+                f"{source}: feature_blocks of {edit} must be a non-empty list of decoder block "
+                f"indices such as [2], not {indices!r}"
+            )
+        blocks[edit] = tuple(indices)
+    return blocks
+
+
 @dataclass(frozen=True)
 class EditDefaults:
     """Per-edit overrides of the weights' default values, and where they came from."""
@@ -53,6 +84,9 @@ class EditDefaults:
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "upstream"
     """'upstream' (no overrides) or the path of the file they were read from."""
+    feature_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """edit → decoder blocks of its energies' features; edits not named use DragonDiffusion's
+    two (1/16 and 1/8 of the image)."""
 
     def weights(self, edit: str) -> Any:
         """The default weights of `edit` (a key of WEIGHTS) for this model."""
@@ -61,9 +95,13 @@ class EditDefaults:
     @classmethod
     def parse(cls, data: object, source: str) -> EditDefaults:
         """Validate a decoded `dragondiffusion.json`; InputError naming the bad entry."""
-        weights = data.get("weights") if isinstance(data, dict) else None
-        if not isinstance(weights, dict):
-            raise InputError(f'{source}: expected {{"weights": {{edit: {{field: number}}}}}}')
+        weights = data.get("weights", {}) if isinstance(data, dict) else None
+        unknown = set(data) - {"weights", "feature_blocks"} if isinstance(data, dict) else set()
+        if not isinstance(weights, dict) or unknown or not data:
+            raise InputError(
+                f'{source}: expected {{"weights": {{edit: {{field: number}}}}, '
+                f'"feature_blocks": {{edit: [block index, ...]}}}} (both optional)'
+            )
         overrides: dict[str, dict[str, float]] = {}
         for edit, values in weights.items():
             if edit not in WEIGHTS:
@@ -82,7 +120,7 @@ class EditDefaults:
                 if problem:
                     raise InputError(f"{source}: {edit}.{name} {problem}")
             overrides[edit] = {name: float(value) for name, value in values.items()}
-        return cls(overrides, source)
+        return cls(overrides, source, parse_blocks(data.get("feature_blocks"), source))
 
     @classmethod
     def read(cls, folder: Path) -> EditDefaults:
@@ -99,5 +137,8 @@ class EditDefaults:
     def write(self, folder: Path) -> Path:
         """Write the overrides as `folder`/DEFAULTS_FILE and return its path."""
         path = Path(folder) / DEFAULTS_FILE
-        path.write_text(json.dumps({"weights": self.overrides}, indent=2) + "\n", encoding="utf-8")
+        data: dict[str, Any] = {"weights": self.overrides}
+        if self.feature_blocks:
+            data["feature_blocks"] = {e: list(b) for e, b in self.feature_blocks.items()}
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path

@@ -1,8 +1,10 @@
 """Decoder features for the energies, captured by forward hooks on the same UNet (DIFT-style).
 
 DragonDiffusion compares the outputs of two decoder blocks: the one at 1/16 of the image (semantic)
-and the one at 1/8 (geometric); for SD 1.x these are `up_blocks[1]` and `up_blocks[2]`. The forward
-pass is stopped right after the last needed block, so deeper blocks never run.
+and the one at 1/8 (geometric); for SD 1.x these are `up_blocks[1]` and `up_blocks[2]`. A model may
+name other blocks in its `dragondiffusion.json` ("feature_blocks"): the embedded 128-pixel model
+uses only the 1/8 block, whose 1/16 block is an 8×8 grid too coarse to place small objects. The
+forward pass is stopped right after the last needed block, so deeper blocks never run.
 """
 
 from __future__ import annotations
@@ -33,12 +35,28 @@ def feature_blocks(unet: torch.nn.Module) -> tuple[int, int]:
     return found[2], found[1]
 
 
+def checked_blocks(unet: torch.nn.Module, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """`blocks` as a sorted tuple, or InputError unless they are distinct decoder block indices."""
+    count = len(unet.up_blocks)
+    if (
+        not blocks
+        or any(isinstance(b, bool) or not isinstance(b, int) for b in blocks)
+        or len(set(blocks)) != len(blocks)
+        or not all(0 <= b < count for b in blocks)
+    ):
+        raise InputError(
+            f"feature blocks must be distinct indices of the UNet's {count} decoder blocks "
+            f"(0 to {count - 1}), got {list(blocks)!r}; leave them out for DragonDiffusion's two"
+        )
+    return tuple(sorted(blocks))
+
+
 class FeatureExtractor:
     """Calls the UNet and returns the outputs of the chosen decoder blocks, stopping after them."""
 
     def __init__(self, unet: torch.nn.Module, blocks: tuple[int, ...] | None = None) -> None:
         self.unet = unet
-        self.blocks = blocks if blocks is not None else feature_blocks(unet)
+        self.blocks = feature_blocks(unet) if blocks is None else checked_blocks(unet, blocks)
         self.calls = 0
 
     def __call__(

@@ -8,8 +8,9 @@
 - Text-to-image samples for a few captions.
 - Decoder-feature correspondence: a scene and the same scene with every object moved by a known
   offset; for each object cell of the first, the arg-max-cosine cell of the second; the mean
-  distance to the true cell, per feature block, in that block's own cells. The features are the
-  ones the energies compare (`pipe.features`), at a noise level given by a timestep.
+  distance to the true cell, per feature block, in that block's own cells. The blocks are
+  DragonDiffusion's two (1/16 and 1/8 of the image), with the edits whose energies use each
+  (`pipe.features_for`), at a noise level given by a timestep.
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
   against the shift asked for.
@@ -31,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, scenes
+from .edit_defaults import WEIGHTS
 from .errors import InputError
+from .features import FeatureExtractor, feature_blocks
 from .figures import annotate, contact_sheet
 from .geometry import Point, Size, dilate, mask_to_grid
 from .io import atomic_write
@@ -151,11 +154,11 @@ def noised_latent(
 def decoder_features(
     pipe, image: np.ndarray, prompt: str, timestep: int, noise: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The energies' decoder feature maps, each (C, h, w) at its block's own resolution, of the
-    image's latent noised to `timestep` with `noise` (1, 4, H/8, W/8)."""
+    """DragonDiffusion's two decoder feature maps (`feature_blocks`), each (C, h, w) at its
+    block's own resolution, of the image's latent noised to `timestep` with `noise`."""
     zt, t = noised_latent(pipe, image, timestep, noise)
     text = pipe.encode_text(prompt)[0]
-    return [m[0].float() for m in pipe.features(zt, t, text)]
+    return [m[0].float() for m in FeatureExtractor(pipe.unet)(zt, t, text)]
 
 
 def best_matches(f: torch.Tensor, g: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -200,7 +203,7 @@ def correspondence_errors(
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
     second = decoder_features(pipe, moved_image, prompt, timestep, noises[1])
     errors = {}
-    for block, f, g in zip(pipe.features.blocks, first, second, strict=True):
+    for block, f, g in zip(feature_blocks(pipe.unet), first, second, strict=True):
         h, w = f.shape[-2:]
         shift = torch.tensor([round(dx * w / scene.size), round(dy * h / scene.size)])
         ys, xs = object_cells(masks, (h, w)).nonzero(as_tuple=True)
@@ -478,12 +481,23 @@ class ModelReport:
     correspondence_scenes: int
     feature_grids: dict[str, int]
     """block → side of its grid on a native-resolution scene."""
+    energy_blocks: dict[str, list[str]] = field(default_factory=dict)
+    """block → the edits whose energies compare its features (all four for most models)."""
     photo_move: PhotoMoveResult | None = None
     """The object moved in a held-out photo (figure "photo-move"); None when not measured."""
     attention_entropy: dict[int, dict[str, float]] = field(default_factory=dict)
     """timestep → token grid → mean normalised entropy of the decoder self-attention."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
+
+
+def energy_blocks(pipe) -> dict[str, list[str]]:
+    """ "up_blocks[i]" → the edits whose energies compare that block's features."""
+    used: dict[str, list[str]] = {}
+    for edit in WEIGHTS:
+        for block in pipe.features_for(edit).blocks:
+            used.setdefault(f"up_blocks[{block}]", []).append(edit)
+    return used
 
 
 def mean(values: Iterable[float]) -> float:
@@ -594,7 +608,7 @@ def measure(
     correspondence = {t: mean_correspondence(pipe, correspondence_seeds, t) for t in timesteps}
     latent = side // pipe.vae_scale_factor
     # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
-    coarse, fine = pipe.features.blocks
+    coarse, fine = feature_blocks(pipe.unet)
     grids = {f"up_blocks[{coarse}]": latent // 2, f"up_blocks[{fine}]": latent}
 
     entropy_seeds = correspondence_seeds[:ENTROPY_SCENES]
@@ -626,6 +640,7 @@ def measure(
         correspondence=correspondence,
         correspondence_scenes=len(correspondence_seeds),
         feature_grids=grids,
+        energy_blocks=energy_blocks(pipe),
         photo_move=moved,
         attention_entropy=entropy,
     )
@@ -715,9 +730,12 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
     for t, blocks in report.correspondence.items():
         for block, error in blocks.items():
             side = report.feature_grids[block]
+            used = report.energy_blocks.get(block, [])
+            who = "" if len(used) == len(WEIGHTS) else f"; energies of {', '.join(used) or 'none'}"
             lines.append(
-                f"| feature correspondence error, t = {t}, {block} ({side}×{side} cells) | "
-                f"{report.correspondence_scenes} scenes | {error:.2f} cells | ≤ 1 cell |"
+                f"| feature correspondence error, t = {t}, {block} ({side}×{side} cells{who}) | "
+                f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
+                f"{'≤ 1 cell' if used else '–'} |"
             )
     for t, grids in report.attention_entropy.items():
         for grid, value in grids.items():
@@ -732,7 +750,9 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "classifier-free guidance and no energy guidance. Correspondence: every object of a "
         "scene moved by one cell of the coarse feature block (each image noised to t); "
         "for each object cell of the first image, the cell of the second with the highest "
-        "cosine similarity of the decoder features the energies use; the mean distance to the "
+        "cosine similarity of the features of DragonDiffusion's two decoder blocks (1/16 and "
+        "1/8 of the image; the target applies to those the model's energies use, "
+        "`feature_blocks` in its dragondiffusion.json); the mean distance to the "
         "true cell, in cells of that block. Attention entropy: the entropy of the softmax "
         "weights of the decoder self-attention layers (those the memory bank swaps) divided by "
         "log(tokens); near 1 the attention is almost uniform, pooling the image instead of "

@@ -134,6 +134,9 @@ class DragonPipeline(StableDiffusionPipeline):
         self.memory_bank = MemoryBank()
         self.bank_layers = install_memory_bank(unet, self.memory_bank)
         self.features = FeatureExtractor(unet)
+        """The energies' features: DragonDiffusion's two decoder blocks, unless overridden."""
+        self.feature_overrides: dict[str, FeatureExtractor] = {}
+        """edit → its own feature blocks (the model's dragondiffusion.json "feature_blocks")."""
         self.model_name = getattr(unet.config, "_name_or_path", "") or "unknown"
         self.image_prompt: ImagePrompt | None = None
         self.edit_defaults = EditDefaults()
@@ -422,7 +425,7 @@ class DragonPipeline(StableDiffusionPipeline):
             bar.set_description(plan.edit)
             z = Sampler(
                 unet=self.unet,
-                features=self.features,
+                features=self.features_for(plan.edit),
                 bank=self.memory_bank,
                 inversion=inversion,
                 plan=plan,
@@ -468,6 +471,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "input_sizes": [list(s) for s in inversion.input_sizes],
             "output_size": list(image.size),
             "keep_background": options.keep_background,
+            "feature_blocks": list(self.features_for(plan.edit).blocks),
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
             "image_prompt": self.image_prompt_record(inversion, schedule, options),
@@ -491,6 +495,19 @@ class DragonPipeline(StableDiffusionPipeline):
         w, h = inversion.working_size
         t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
         return (t > 0.5).float().to(self.device)
+
+    def use_edit_defaults(self, defaults: EditDefaults) -> None:
+        """Adopt a model's own defaults: its weights and each edit's feature blocks
+        (InputError if the UNet lacks those blocks)."""
+        self.feature_overrides = {
+            edit: FeatureExtractor(self.unet, blocks)
+            for edit, blocks in defaults.feature_blocks.items()
+        }
+        self.edit_defaults = defaults
+
+    def features_for(self, edit: str) -> FeatureExtractor:
+        """The feature extractor of an edit's energies (resize is "move")."""
+        return self.feature_overrides.get(edit, self.features)
 
     def weights_from(self, given: object) -> str:
         """Where an edit's weights came from, for its record."""

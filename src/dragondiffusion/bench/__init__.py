@@ -7,8 +7,18 @@ choices below without them.
 
 EDITS = ("move", "resize", "appearance", "drag", "paste")
 """Edits the quality benchmark runs; resize is a move with a scale, in place."""
-ABLATIONS = ("no-bank", "no-content", "no-edit", "no-blend", "fewer-steps", "keep-background")
+ABLATIONS = (
+    "no-bank",
+    "no-content",
+    "no-edit",
+    "no-blend",
+    "two-blocks",
+    "fewer-steps",
+    "keep-background",
+)
 """Variants of the method: memory bank off, w_content = 0, w_edit = 0, blend_background = 0 (the
-same as the method for a model whose defaults do not blend, e.g. SD 1.5), fewer DDIM steps; and
-one addition rather than an ablation, keep-background (`EditOptions.keep_background`: the input's
-own pixels outside the edit's region)."""
+same as the method for a model whose defaults do not blend, e.g. SD 1.5), the energies on
+DragonDiffusion's two decoder blocks (the same as the method for a model whose
+dragondiffusion.json names no feature_blocks), fewer DDIM steps; and one addition rather than an
+ablation, keep-background (`EditOptions.keep_background`: the input's own pixels outside the
+edit's region)."""

@@ -107,6 +107,8 @@ class Variant:
     memory_bank: bool = True
     weights: tuple[tuple[str, float], ...] = ()
     keep_background: bool = False
+    upstream_features: bool = False
+    """Compare DragonDiffusion's two decoder blocks whatever the model's feature_blocks say."""
 
 
 IDENTITY = Variant("identity", "identity (input)")
@@ -131,6 +133,9 @@ def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
         return Variant(name, f"{mode} − background blending", mode, steps, weights=weights)
     if name == "fewer-steps":
         return Variant(name, f"{mode}, {fewer_steps} steps", mode, fewer_steps)
+    if name == "two-blocks":
+        label = f"{mode}, upstream's two feature blocks"
+        return Variant(name, label, mode, steps, upstream_features=True)
     if name == "keep-background":
         return Variant(name, f"{mode} + keep background", mode, steps, keep_background=True)
     raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
@@ -294,7 +299,14 @@ def produce(
         options["weights"] = replace(base, **dict(variant.weights))
     steps = variant.steps
     assert steps is not None
-    done = run_example(pipe, case.example, steps, inversions.setdefault(steps, {}), seed, **options)
+    chosen = pipe.feature_overrides
+    if variant.upstream_features:
+        pipe.feature_overrides = {}
+    try:
+        store = inversions.setdefault(steps, {})
+        done = run_example(pipe, case.example, steps, store, seed, **options)
+    finally:
+        pipe.feature_overrides = chosen
     return np.asarray(done.result.image.convert("RGB"))
 
 
@@ -353,6 +365,7 @@ def fingerprint(pipe: DragonPipeline) -> str:
         __version__,
         pipe.vae.config.scaling_factor,
         sorted(pipe.edit_defaults.overrides.items()),
+        sorted((e, f.blocks) for e, f in pipe.feature_overrides.items()),
     )
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for part in (pipe.unet, pipe.text_encoder, pipe.vae):

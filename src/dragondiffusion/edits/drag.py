@@ -22,6 +22,7 @@ from ..geometry import (
     Point,
     cell_centre,
     cell_of,
+    grow,
     mask_to_grid,
     patch,
     require_latent_cells,
@@ -70,6 +71,20 @@ def drag_pair(handle: Point, target: Point, size, grid: tuple[int, int], device)
     )
 
 
+def require_points_inside(pairs: list[DragPair], editable: torch.Tensor) -> None:
+    """InputError unless every handle and target cell lies in the editable region or within one
+    cell of it. The content energy holds everything outside the region (and background blending
+    resets it), so a point there cannot move: the edit would silently do nothing."""
+    reach = grow(editable.float(), 1)[0, 0] > 0
+    for n, pair in enumerate(pairs, start=1):
+        for which, (x, y) in (("handle", pair.handle), ("target", pair.target)):
+            if not bool(reach[y, x]):
+                raise InputError(
+                    f"the {which} of drag pair {n} lies outside the editable region, where "
+                    "nothing may change; draw the region over every handle and target point"
+                )
+
+
 def plan_drag(
     inversion: Inversion,
     mask: torch.Tensor,
@@ -94,6 +109,7 @@ def plan_drag(
     if not points:
         raise InputError("no drag points given; give at least one handle→target pair")
     pairs = [drag_pair(h, t, size, grid, z_T.device) for h, t in points]
+    require_points_inside(pairs, editable)
 
     def energy(current: list[torch.Tensor], reference: list[torch.Tensor]):
         e_edit = e_content = 0.0
