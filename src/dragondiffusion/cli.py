@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     drag = sub.add_parser("drag", help="drag content from handle points to target points")
     drag.add_argument("--image", required=True, help="input image")
-    drag.add_argument("--mask", required=True, help="editable region (white), image-sized")
+    drag.add_argument(
+        "--mask",
+        required=True,
+        help="editable region (white), image-sized; it must cover every handle and target",
+    )
     drag.add_argument(
         "--drag",
         dest="pairs",
