@@ -22,6 +22,7 @@ from typing import Any
 
 from .edits import AppearanceWeights, DragWeights, MoveWeights, PasteWeights
 from .errors import InputError
+from .features import whole_numbers
 
 DEFAULTS_FILE = "dragondiffusion.json"
 WEIGHTS: dict[str, type] = {
@@ -64,11 +65,7 @@ def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:
             raise InputError(
                 f"{source}: feature_blocks: unknown edit {edit!r}; use {', '.join(WEIGHTS)}"
             )
-        if (
-            not isinstance(indices, list)
-            or not indices
-            or any(isinstance(b, bool) or not isinstance(b, int) for b in indices)
-        ):
+        if not isinstance(indices, list) or not whole_numbers(indices):
             raise InputError(
                 f"{source}: feature_blocks of {edit} must be a non-empty list of decoder block "
                 f"indices such as [2], not {indices!r}"
@@ -95,15 +92,18 @@ class EditDefaults:
     @classmethod
     def parse(cls, data: object, source: str) -> EditDefaults:
         """Validate a decoded `dragondiffusion.json`; InputError naming the bad entry."""
-        weights = data.get("weights", {}) if isinstance(data, dict) else None
-        unknown = set(data) - {"weights", "feature_blocks"} if isinstance(data, dict) else set()
-        if not isinstance(weights, dict) or unknown or not data:
+        if (
+            not isinstance(data, dict)
+            or not data
+            or set(data) - {"weights", "feature_blocks"}
+            or not isinstance(data.get("weights", {}), dict)
+        ):
             raise InputError(
                 f'{source}: expected {{"weights": {{edit: {{field: number}}}}, '
                 f'"feature_blocks": {{edit: [block index, ...]}}}} (both optional)'
             )
         overrides: dict[str, dict[str, float]] = {}
-        for edit, values in weights.items():
+        for edit, values in data.get("weights", {}).items():
             if edit not in WEIGHTS:
                 raise InputError(f"{source}: unknown edit {edit!r}; use {', '.join(WEIGHTS)}")
             known = {f.name for f in fields(WEIGHTS[edit])}

@@ -35,12 +35,20 @@ def feature_blocks(unet: torch.nn.Module) -> tuple[int, int]:
     return found[2], found[1]
 
 
+def whole_numbers(values: object) -> bool:
+    """Whether `values` is a non-empty list or tuple of ints (bools are not numbers here)."""
+    return (
+        isinstance(values, list | tuple)
+        and bool(values)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    )
+
+
 def checked_blocks(unet: torch.nn.Module, blocks: tuple[int, ...]) -> tuple[int, ...]:
     """`blocks` as a sorted tuple, or InputError unless they are distinct decoder block indices."""
     count = len(unet.up_blocks)
     if (
-        not blocks
-        or any(isinstance(b, bool) or not isinstance(b, int) for b in blocks)
+        not whole_numbers(blocks)
         or len(set(blocks)) != len(blocks)
         or not all(0 <= b < count for b in blocks)
     ):

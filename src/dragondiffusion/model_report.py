@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from . import __version__, scenes
 from .edit_defaults import WEIGHTS
 from .errors import InputError
-from .features import FeatureExtractor, feature_blocks
 from .figures import annotate, contact_sheet
 from .geometry import Point, Size, dilate, mask_to_grid
 from .io import atomic_write
@@ -154,11 +153,12 @@ def noised_latent(
 def decoder_features(
     pipe, image: np.ndarray, prompt: str, timestep: int, noise: torch.Tensor
 ) -> list[torch.Tensor]:
-    """DragonDiffusion's two decoder feature maps (`feature_blocks`), each (C, h, w) at its
-    block's own resolution, of the image's latent noised to `timestep` with `noise`."""
+    """DragonDiffusion's two decoder feature maps (`pipe.features`, whatever blocks an edit's
+    energies use), each (C, h, w) at its block's own resolution, of the image's latent noised to
+    `timestep` with `noise`."""
     zt, t = noised_latent(pipe, image, timestep, noise)
     text = pipe.encode_text(prompt)[0]
-    return [m[0].float() for m in FeatureExtractor(pipe.unet)(zt, t, text)]
+    return [m[0].float() for m in pipe.features(zt, t, text)]
 
 
 def best_matches(f: torch.Tensor, g: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,7 @@ def correspondence_errors(
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
     second = decoder_features(pipe, moved_image, prompt, timestep, noises[1])
     errors = {}
-    for block, f, g in zip(feature_blocks(pipe.unet), first, second, strict=True):
+    for block, f, g in zip(pipe.features.blocks, first, second, strict=True):
         h, w = f.shape[-2:]
         shift = torch.tensor([round(dx * w / scene.size), round(dy * h / scene.size)])
         ys, xs = object_cells(masks, (h, w)).nonzero(as_tuple=True)
@@ -608,7 +608,7 @@ def measure(
     correspondence = {t: mean_correspondence(pipe, correspondence_seeds, t) for t in timesteps}
     latent = side // pipe.vae_scale_factor
     # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
-    coarse, fine = feature_blocks(pipe.unet)
+    coarse, fine = pipe.features.blocks
     grids = {f"up_blocks[{coarse}]": latent // 2, f"up_blocks[{fine}]": latent}
 
     entropy_seeds = correspondence_seeds[:ENTROPY_SCENES]

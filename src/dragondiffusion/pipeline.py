@@ -134,7 +134,8 @@ class DragonPipeline(StableDiffusionPipeline):
         self.memory_bank = MemoryBank()
         self.bank_layers = install_memory_bank(unet, self.memory_bank)
         self.features = FeatureExtractor(unet)
-        """The energies' features: DragonDiffusion's two decoder blocks, unless overridden."""
+        """DragonDiffusion's two decoder blocks: the energies' features, except for edits in
+        `feature_overrides` (and what `model_report` measures, whatever those say)."""
         self.feature_overrides: dict[str, FeatureExtractor] = {}
         """edit → its own feature blocks (the model's dragondiffusion.json "feature_blocks")."""
         self.model_name = getattr(unet.config, "_name_or_path", "") or "unknown"
