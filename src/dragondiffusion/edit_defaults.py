@@ -32,7 +32,7 @@ WEIGHTS: dict[str, type] = {
     "paste": PasteWeights,
 }
 """The weights dataclass of each pipeline edit (resize is `move`)."""
-UPPER_BOUNDS = {"blend_background": 1.0, "vacated_noise": 1.0}
+UPPER_BOUNDS = {"blend_background": 1.0, "vacated_noise": 1.0, "match_statistics": 1.0}
 """Weights with a largest value (shares); every weight is finite and ≥ 0."""
 
 

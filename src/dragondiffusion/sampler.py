@@ -9,6 +9,8 @@ Background blending (optional, not upstream's; Blended Latent Diffusion's device
 the first `blend_background`·N steps, the latent outside the edit's region (the plan's SDE mask
 grown by one latent cell) is set back to the inversion's latent at the same noise level, so the
 edit is generated against the input's own surroundings instead of a re-synthesised copy of them.
+Statistics matching (optional, not upstream's; appearance): after each of the last steps the
+object's latent is renormalised to the reference object's (`latent_statistics`).
 
 Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
 (DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,
@@ -28,9 +30,17 @@ from .errors import InputError
 from .features import FeatureExtractor, energy_grid, upsample
 from .geometry import grow
 from .inversion import Inversion
+from .latent_statistics import StatisticsMatch
 
 EnergyFn = Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 MODES = ("diffeditor", "dragon")
+
+
+def require_share(name: str, value: float, of: str = "") -> None:
+    """Raise InputError unless `value` is a number in [0, 1]."""
+    if isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        what = f"a share {of}" if of else "a share"
+        raise InputError(f"{name} must lie in [0, 1] ({what}), got {value}")
 
 
 def scaled_step(step_of_50: int, num_steps: int) -> int:
@@ -129,13 +139,12 @@ class EditPlan:
     """Share of the steps, from the first, after which the latent outside the SDE mask (grown by
     one cell) is reset to the inversion's: 0 never (upstream), 1 every step (the last one leaves
     the encoded input there exactly). Needs `sde_mask`."""
+    statistics: StatisticsMatch | None = None
+    """Renormalise the object's latent to a reference object's after the last steps (None: never,
+    upstream)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.blend_background, bool) or not 0.0 <= self.blend_background <= 1.0:
-            raise InputError(
-                f"blend_background must lie in [0, 1] (a share of the steps), "
-                f"got {self.blend_background}"
-            )
+        require_share("blend_background", self.blend_background, "of the steps")
 
     def blend_steps(self, num_steps: int) -> int:
         """How many steps, from the first, end with the background blended back."""
@@ -321,6 +330,8 @@ class Sampler:
                     if run < runs - 1:
                         z = self.rollback(i, z_next)
                 z = z_next if outside is None or i >= blended else self.blend(i, z_next, outside)
+                if self.plan.statistics is not None and i >= self.plan.statistics.first_step:
+                    z = self.plan.statistics.apply(z, self.inversion.at_step(i + 1))
                 if self.callback is not None:
                     self.callback({"i": i, "z": z, "guided": guided, "runs": runs})
         finally:

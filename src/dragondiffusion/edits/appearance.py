@@ -3,7 +3,8 @@
 The base and reference images are inverted together. The edit energy compares *mean-pooled*
 features (global similarity), so the object keeps its shape and takes the reference's colour and
 texture; the memory bank is a composite of base tokens outside the base mask and reference tokens
-inside the reference mask for steps 0–35 of 50.
+inside the reference mask for steps 0–35 of 50. Optionally (`match_statistics`, not upstream) the
+object's latent takes the reference object's statistics over the last steps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ..energy import global_similarity, inverse_energy, local_similarity
 from ..features import energy_grid
 from ..geometry import mask_to_grid, require_latent_cells, require_nonempty
 from ..inversion import Inversion
-from ..sampler import EditPlan, scaled_step
+from ..latent_statistics import StatisticsMatch
+from ..sampler import EditPlan, require_share, scaled_step
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class AppearanceWeights:
     w_edit: float = 3.5
     w_content: float = 5.0
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
+    match_statistics: float = 0.0
+    """Not upstream: share of the steps, from the last, after each of which the object's latent
+    takes the reference object's per-channel mean and spread at the same noise level (AdaIN on
+    the latent; `latent_statistics`). 0 never (upstream's mean-feature energy alone)."""
 
 
 def plan_appearance(
@@ -67,6 +73,12 @@ def plan_appearance(
     base_latent = require_latent_cells(
         mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
     )
+    require_share("match_statistics", w.match_statistics, "of the steps")
+    statistics = None
+    if w.match_statistics > 0:
+        statistics = StatisticsMatch.between(
+            mask, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
+        )
     return EditPlan(
         edit="appearance",
         z_init=z_T,
@@ -80,5 +92,6 @@ def plan_appearance(
         blend_background=w.blend_background,
         sde_mask=base_latent,
         composite_masks=(mask, reference_mask),
+        statistics=statistics,
         params={"weights": asdict(w)},
     )

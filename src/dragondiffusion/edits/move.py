@@ -18,7 +18,6 @@ import torch
 
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
-from ..errors import InputError
 from ..features import energy_grid
 from ..geometry import (
     Point,
@@ -30,7 +29,7 @@ from ..geometry import (
     warp,
 )
 from ..inversion import Inversion
-from ..sampler import EditPlan, scaled_step
+from ..sampler import EditPlan, require_share, scaled_step
 
 VACATED_NOISE_STREAM = 0x5EED
 """Offset of the seed of the vacated area's noise from the edit's seed, which the sampler's
@@ -142,8 +141,7 @@ def plan_move(
         warp(object_latent, size, src, dst, scale) > 0.5, "the moved object on the latent grid"
     )
     z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
-    if not 0 <= w.vacated_noise <= 1:
-        raise InputError(f"vacated_noise must lie in [0, 1] (a share), got {w.vacated_noise}")
+    require_share("vacated_noise", w.vacated_noise, "of the noise")
     if w.vacated_noise > 0:
         vacated_latent = object_latent.bool() & ~target_latent
         # Its own stream: the sampler's generator (seeded with `seed`) draws the SDE's noise.

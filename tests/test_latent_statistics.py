@@ -1,0 +1,104 @@
+"""Statistics matching (AdaIN on the latent) for appearance replacement."""
+
+import numpy as np
+import pytest
+import torch
+
+from dragondiffusion.attention import BankMode
+from dragondiffusion.ddim import DDIMTimesteps
+from dragondiffusion.edits.appearance import AppearanceWeights, plan_appearance
+from dragondiffusion.errors import InputError
+from dragondiffusion.latent_statistics import StatisticsMatch, channel_statistics, match_statistics
+from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
+
+SIZE = (192, 128)  # working size of the 160×96 `scene` fixture; latents 16×24
+
+
+def cells(h, w, y0, y1, x0, x1):
+    m = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    m[..., y0:y1, x0:x1] = True
+    return m
+
+
+def test_matched_cells_take_the_source_statistics_and_the_rest_stays():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 8, 8, generator=gen)
+    source = 3.0 + 0.5 * torch.randn(1, 4, 8, 8, generator=gen)
+    target, source_cells = cells(8, 8, 2, 5, 2, 6), cells(8, 8, 0, 4, 4, 8)
+    coverage = target.float()
+    coverage[..., 5, 2:6] = 0.5  # a half-covered row below the object's cells
+    out = match_statistics(z, target, coverage, source, source_cells)
+    mean, spread = channel_statistics(out, target)
+    want_mean, want_spread = channel_statistics(source, source_cells)
+    assert torch.allclose(mean, want_mean, atol=1e-5)
+    assert torch.allclose(spread, want_spread, atol=1e-5)
+    assert not torch.allclose(want_mean, channel_statistics(z, target)[0], atol=0.5)
+    untouched = coverage == 0
+    assert torch.equal(out[untouched.expand_as(z)], z[untouched.expand_as(z)])
+    # The half-covered cells move halfway to their renormalised value.
+    full = match_statistics(z, target, torch.ones_like(coverage), source, source_cells)
+    half = out[..., 5, 2:6]
+    assert torch.allclose(half, (z[..., 5, 2:6] + full[..., 5, 2:6]) / 2, atol=1e-6)
+
+
+def test_the_match_covers_the_last_share_of_the_steps_and_follows_the_outline():
+    mask = torch.zeros(1, 1, 128, 192)
+    mask[..., 16:48, 20:44] = 1  # latent cells x 2.5-5.5 (8 px each): edge cells half covered
+    match = StatisticsMatch.between(mask, mask, (16, 24), 0.2, 50)
+    assert match.first_step == 40
+    assert StatisticsMatch.between(mask, mask, (16, 24), 1.0, 50).first_step == 0
+    assert match.coverage[0, 0, 3, 2].item() == pytest.approx(0.5)
+    assert match.coverage[0, 0, 3, 3].item() == 1.0 and match.coverage[0, 0, 3, 6].item() == 0
+    assert match.cells[0, 0, 3, 2] and not match.cells[0, 0, 3, 6]  # ≥ half covered counts
+    with pytest.raises(InputError, match="the reference mask"):
+        StatisticsMatch.between(mask, torch.zeros_like(mask), (16, 24), 0.2, 50)
+
+
+def test_the_sampler_matches_after_each_of_the_last_steps_only(pipe, inversion):
+    """Matched against the input's own trajectory (source image 0) over the last half."""
+    n = inversion.num_steps
+    z = inversion.latents[-1]
+    region = cells(16, 24, 4, 8, 4, 8)
+    match = StatisticsMatch(region, region.float(), cells(16, 24, 8, 12, 12, 20), n // 2, 0)
+    plan = EditPlan(
+        "test", z, None, region.float(), BankMode.OFF, range(0), 1.0, 0.0, 0.0,
+        statistics=match,
+    )  # fmt: skip
+    seen: list[torch.Tensor] = []
+    cond, uncond = pipe.encode_text(inversion.prompts[0])
+    Sampler(
+        pipe.unet, pipe.features, pipe.memory_bank, inversion, plan,
+        GuidanceSchedule("test", n, frozenset()), DDIMTimesteps(pipe.scheduler, n), cond, uncond,
+        Evaluations(), callback=lambda info: seen.append(info["z"].clone()),
+    ).run()  # fmt: skip
+    for i, latent in enumerate(seen):
+        source = channel_statistics(inversion.at_step(i + 1)[:1], match.source_cells)
+        own = channel_statistics(latent, region)
+        matched = all(torch.allclose(a, b, atol=1e-4) for a, b in zip(own, source, strict=True))
+        assert matched == (i >= n // 2), i
+
+
+def test_appearance_plans_the_match_only_when_asked(pipe, scene):
+    img, _ = scene
+    obj = torch.zeros(1, 1, 128, 192)
+    obj[..., 40:72, 24:56] = 1
+    inv2 = pipe.invert(img, "a scene", 10, reference=np.ascontiguousarray(img[:, ::-1]))
+    assert plan_appearance(inv2, obj, obj).statistics is None, "upstream: no match"
+    plan = plan_appearance(inv2, obj, obj, AppearanceWeights(match_statistics=0.3))
+    assert plan.statistics.first_step == 7 and plan.statistics.source == 1
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="match_statistics must lie in"):
+            plan_appearance(inv2, obj, obj, AppearanceWeights(match_statistics=bad))
+
+
+def test_a_matched_edit_changes_the_object_and_records_its_weight(pipe, scene):
+    img, mask = scene
+    ref = np.zeros_like(img)
+    ref[...] = (20, 20, 230)  # a blue reference object on a blue background
+    kw = dict(num_inference_steps=6, seed=1)
+    weights = AppearanceWeights(match_statistics=0.5)
+    plain = pipe.appearance(img, mask, ref, mask, **kw)
+    matched = pipe.appearance(img, mask, ref, mask, weights=weights, **kw)
+    assert matched.record["weights"]["match_statistics"] == 0.5
+    a, b = (np.asarray(r.image, dtype=float) for r in (plain, matched))
+    assert np.abs(a[mask] - b[mask]).mean() > 2 * np.abs(a[~mask] - b[~mask]).mean()
