@@ -90,6 +90,19 @@ def test_a_bundle_can_name_the_feature_blocks_of_its_energies(tiny_bundle, tmp_p
         dragondiffusion.load(bundle, device="cpu")
 
 
+def test_setting_a_pipelines_defaults_sets_its_feature_blocks_too(tiny_bundle):
+    pipe = dragondiffusion.load(tiny_bundle, device="cpu")
+    assert pipe.features_for("drag").blocks == (1, 2)
+    pipe.edit_defaults = EditDefaults(feature_blocks={"drag": (2,)})
+    assert pipe.features_for("drag").blocks == (2,) and pipe.features_for("move").blocks == (1, 2)
+    kept = pipe.edit_defaults
+    with pytest.raises(InputError, match=r"decoder blocks \(0 to 3\), got \[9\]"):
+        pipe.edit_defaults = EditDefaults(feature_blocks={"move": (9,)})
+    assert pipe.edit_defaults is kept and pipe.features_for("drag").blocks == (2,)
+    pipe.edit_defaults = EditDefaults()
+    assert pipe.features_for("drag").blocks == (1, 2) and pipe.feature_overrides == {}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -7,6 +7,7 @@ import torch
 from dragondiffusion.attention import BankMode
 from dragondiffusion.ddim import DDIMTimesteps
 from dragondiffusion.edits.appearance import AppearanceWeights, plan_appearance
+from dragondiffusion.edits.paste import PasteWeights, plan_paste
 from dragondiffusion.errors import InputError
 from dragondiffusion.latent_statistics import StatisticsMatch, channel_statistics, match_statistics
 from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
@@ -89,6 +90,21 @@ def test_appearance_plans_the_match_only_when_asked(pipe, scene):
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(InputError, match="match_statistics must lie in"):
             plan_appearance(inv2, obj, obj, AppearanceWeights(match_statistics=bad))
+
+
+def test_paste_matches_the_pasted_region_to_the_reference_object(pipe, scene):
+    img, _ = scene
+    obj = torch.zeros(1, 1, 128, 192)
+    obj[..., 40:72, 24:56] = 1  # latent cells x 3-6, y 5-8
+    inv2 = pipe.invert(img, "a scene", 10, reference=np.ascontiguousarray(img[:, ::-1]))
+    assert plan_paste(inv2, obj, (64, 0)).statistics is None, "upstream: no match"
+    plan = plan_paste(inv2, obj, (64, 0), weights=PasteWeights(match_statistics=0.5))
+    match = plan.statistics
+    assert match.first_step == 5 and match.source == 1
+    assert torch.equal(match.cells, plan.sde_mask), "the pasted object's cells"
+    assert match.source_cells[0, 0, 5:9, 3:7].all() and match.source_cells.sum() == 16
+    with pytest.raises(InputError, match="match_statistics must lie in"):
+        plan_paste(inv2, obj, (64, 0), weights=PasteWeights(match_statistics=2.0))
 
 
 def test_a_matched_edit_changes_the_object_and_records_its_weight(pipe, scene):

@@ -6,6 +6,10 @@ colour that way, because the inverted start latent keeps encoding the old look. 
 normalisation (Huang & Belongie 2017) is the direct form of "take this look": standardise each
 latent channel over the object's cells, then give it the reference object's mean and spread.
 
+Paste has the same gap: the pasted object starts from the reference's inverted noise, but the
+composite attention and the base image around it wash its colours out; matching its latent to the
+reference object's restores them.
+
 Applied to the latent after each of the last steps, at the reference's own inversion latent of
 the same noise level: late enough that the object's shape has formed (earlier, the shift of the
 mean grows the object into a blob), early enough that the steps after it re-draw the edges.

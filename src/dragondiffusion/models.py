@@ -119,5 +119,5 @@ def load(
         ) from err
     embedded = local.exists() and local.resolve() == EMBEDDED_MODEL.resolve()
     pipe.model_name = EMBEDDED_NAME if embedded else name
-    pipe.use_edit_defaults(defaults)
+    pipe.edit_defaults = defaults
     return pipe.to(torch_device)

@@ -141,7 +141,6 @@ class DragonPipeline(StableDiffusionPipeline):
         self.model_name = getattr(unet.config, "_name_or_path", "") or "unknown"
         self.image_prompt: ImagePrompt | None = None
         self.edit_defaults = EditDefaults()
-        """The model's own default weights (its bundle's dragondiffusion.json), else upstream's."""
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -497,14 +496,21 @@ class DragonPipeline(StableDiffusionPipeline):
         t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
         return (t > 0.5).float().to(self.device)
 
-    def use_edit_defaults(self, defaults: EditDefaults) -> None:
-        """Adopt a model's own defaults: its weights and each edit's feature blocks
-        (InputError if the UNet lacks those blocks)."""
+    @property
+    def edit_defaults(self) -> EditDefaults:
+        """The model's own defaults (its bundle's dragondiffusion.json), else upstream's.
+
+        Setting them also sets each edit's feature blocks (`feature_overrides`; InputError if
+        the UNet lacks those blocks, and then nothing changes)."""
+        return self._edit_defaults
+
+    @edit_defaults.setter
+    def edit_defaults(self, defaults: EditDefaults) -> None:
         self.feature_overrides = {
             edit: FeatureExtractor(self.unet, blocks)
             for edit, blocks in defaults.feature_blocks.items()
         }
-        self.edit_defaults = defaults
+        self._edit_defaults = defaults
 
     def features_for(self, edit: str) -> FeatureExtractor:
         """The feature extractor of an edit's energies (resize is "move")."""

@@ -9,8 +9,8 @@ Background blending (optional, not upstream's; Blended Latent Diffusion's device
 the first `blend_background`·N steps, the latent outside the edit's region (the plan's SDE mask
 grown by one latent cell) is set back to the inversion's latent at the same noise level, so the
 edit is generated against the input's own surroundings instead of a re-synthesised copy of them.
-Statistics matching (optional, not upstream's; appearance): after each of the last steps the
-object's latent is renormalised to the reference object's (`latent_statistics`).
+Statistics matching (optional, not upstream's; appearance and paste): after each of the last
+steps the object's latent is renormalised to the reference object's (`latent_statistics`).
 
 Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
 (DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,

@@ -31,7 +31,8 @@ from ..geometry import (
     warp,
 )
 from ..inversion import Inversion
-from ..sampler import EditPlan, scaled_step
+from ..latent_statistics import StatisticsMatch
+from ..sampler import EditPlan, require_share, scaled_step
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class PasteWeights:
     w_edit: float = 4.0
     w_content: float = 6.0
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
+    match_statistics: float = 0.0
+    """Not upstream: share of the steps, from the last, after each of which the pasted object's
+    latent takes the reference object's per-channel mean and spread at the same noise level (as
+    for appearance; `latent_statistics`)."""
 
 
 def plan_paste(
@@ -91,6 +96,12 @@ def plan_paste(
     )
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
     pasted_full = warp(reference_mask, size, src, dst, scale) > 0.5
+    require_share("match_statistics", w.match_statistics, "of the steps")
+    statistics = None
+    if w.match_statistics > 0:
+        statistics = StatisticsMatch.between(
+            pasted_full, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
+        )
     return EditPlan(
         edit="paste",
         z_init=z_init,
@@ -104,5 +115,6 @@ def plan_paste(
         blend_background=w.blend_background,
         sde_mask=pasted_latent,
         composite_masks=(pasted_full.float(), reference_mask),
+        statistics=statistics,
         params={"scale": scale, "weights": asdict(w)},
     )
