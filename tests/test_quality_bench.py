@@ -23,6 +23,7 @@ from dragondiffusion import models, scenes
 from dragondiffusion.bench import ABLATIONS, EDITS, baseline, cases, metrics, quality, report
 from dragondiffusion.bench.sections import write_section
 from dragondiffusion.cli import main
+from dragondiffusion.edit_defaults import EditDefaults
 from dragondiffusion.errors import InputError
 from dragondiffusion.features import FeatureExtractor
 from dragondiffusion.geometry import dilate
@@ -307,6 +308,7 @@ def test_variants_are_identity_exact_baseline_modes_then_ablations():
     assert dict(by_name["no-content"].weights) == {"w_content": 0}
     assert dict(by_name["no-edit"].weights) == {"w_edit": 0}
     assert dict(by_name["no-blend"].weights) == {"blend_background": 0}
+    assert dict(by_name["no-match"].weights) == {"match_statistics": 0}
     assert by_name["fewer-steps"].steps == 12 and by_name["dragon"].steps == 30
     assert by_name["keep-background"].keep_background and by_name["keep-background"].steps == 30
     assert not any(by_name[n].keep_background for n in ("diffeditor", "dragon", "no-bank"))
@@ -351,6 +353,27 @@ def test_two_blocks_ablation_edits_with_both_decoder_blocks_then_restores_the_mo
     finally:
         pipe.feature_overrides = chosen
     assert seen == [(2,), (1, 2)]
+
+
+def test_no_match_ablation_zeroes_the_match_where_the_edit_has_one(pipe, drawn, monkeypatch):
+    seen = {}
+
+    def fake_run(pipe, example, steps, store, seed, **options):
+        seen[example.edit] = options["weights"]
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(quality, "run_example", fake_run)
+    variant = {v.name: v for v in quality.Settings(steps=4).variants()}["no-match"]
+    kept = pipe.edit_defaults
+    pipe.edit_defaults = EditDefaults({"paste": {"match_statistics": 0.5}})
+    try:
+        for edit in ("move", "paste"):
+            with pytest.raises(RuntimeError, match="stop after"):
+                quality.produce(pipe, drawn[edit][0], variant, {}, 0, 4.0)
+    finally:
+        pipe.edit_defaults = kept
+    assert seen["paste"].match_statistics == 0, "the model's 0.5 taken away"
+    assert seen["move"] == kept.weights("move"), "move has no match: unchanged"
 
 
 # ---------------------------------------------------------------------------------------------

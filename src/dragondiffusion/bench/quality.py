@@ -45,7 +45,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +131,9 @@ def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
     if name == "no-blend":
         weights = (("blend_background", 0),)
         return Variant(name, f"{mode} − background blending", mode, steps, weights=weights)
+    if name == "no-match":
+        weights = (("match_statistics", 0),)
+        return Variant(name, f"{mode} − statistics match", mode, steps, weights=weights)
     if name == "fewer-steps":
         return Variant(name, f"{mode}, {fewer_steps} steps", mode, fewer_steps)
     if name == "two-blocks":
@@ -296,7 +299,10 @@ def produce(
     }
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.edit)
-        options["weights"] = replace(base, **dict(variant.weights))
+        # An ablation's weight an edit lacks (match_statistics for move) leaves that edit as it
+        # is; --set checks its names against every edit up front.
+        own = {k: v for k, v in variant.weights if k in {f.name for f in fields(base)}}
+        options["weights"] = replace(base, **own)
     steps = variant.steps
     assert steps is not None
     chosen = pipe.feature_overrides
