@@ -14,7 +14,9 @@ Applied to the latent after each of the last steps, at the reference's own inver
 the same noise level: late enough that the object's shape has formed (earlier, the shift of the
 mean grows the object into a blob), early enough that the steps after it re-draw the edges.
 Cells partly covered by the object move by the share they are covered, so the edit follows the
-object's outline, not the latent grid's.
+object's outline, not the latent grid's; cells covered less than half are not part of the
+statistics and take only the shift of the mean. The sampler blends the background back after the
+match, so nothing outside the edit's region moves.
 """
 
 from __future__ import annotations
@@ -48,11 +50,15 @@ def match_statistics(
     """`z` with each channel renormalised to `source`'s statistics where `coverage` > 0.
 
     z, source: (1, C, h, w) latents; cells / source_cells: (1, 1, h, w) bool, the cells whose
-    statistics are measured; coverage: (1, 1, h, w) in [0, 1], how far each cell moves to the
-    renormalised value (0 keeps it exactly)."""
+    statistics are measured; coverage: (1, 1, h, w) in [0, 1], how far each cell moves to its
+    renormalised value (0 keeps it exactly). Cells outside `cells` (covered less than half) only
+    take the shift of the mean: standardising them by statistics they are not part of could
+    multiply them without bound (a one-cell object has spread 0)."""
     mean, spread = channel_statistics(z, cells)
     source_mean, source_spread = channel_statistics(source, source_cells)
-    renormalised = (z - mean) / (spread + EPS) * source_spread + source_mean
+    standardised = (z - mean) / (spread + EPS) * source_spread + source_mean
+    shifted = z + (source_mean - mean)
+    renormalised = torch.where(cells, standardised, shifted)
     return z + coverage * (renormalised - z)
 
 
@@ -63,7 +69,8 @@ class StatisticsMatch:
     cells: the object's cells (at least half covered); coverage: the share of each cell the object
     covers; source_cells: the reference object's cells in the inversion's image `source`;
     first_step: the first step after which the match is applied (it is applied after every later
-    step too, the last leaving the output latent)."""
+    step too, the last leaving the output latent; a share above 0 matches at least the last
+    step)."""
 
     cells: torch.Tensor
     coverage: torch.Tensor
@@ -87,8 +94,8 @@ class StatisticsMatch:
             mask_to_grid(source_mask, latent_hw), "the reference mask"
         )
         coverage = F.interpolate(mask.float(), size=latent_hw, mode="area").clamp(0, 1)
-        first = num_steps - round(share * num_steps)
-        return cls(cells, coverage, source_cells, first)
+        matched = max(1, round(share * num_steps)) if share > 0 else 0
+        return cls(cells, coverage, source_cells, num_steps - matched)
 
     def apply(self, z: torch.Tensor, source_latents: torch.Tensor) -> torch.Tensor:
         """z (1, C, h, w) matched to image `source` of `source_latents` (the inversion's batch at

@@ -459,6 +459,9 @@ class DragonPipeline(StableDiffusionPipeline):
                 "eta_inside": schedule.eta_inside,
                 "eta_outside": schedule.eta_outside,
                 "background_blended": plan.blend_steps(inversion.num_steps),
+                "statistics_matched": 0
+                if plan.statistics is None
+                else inversion.num_steps - plan.statistics.first_step,
             },
             "guidance_scale": plan.guidance_scale,
             "energy_scale": plan.energy_scale,
@@ -506,6 +509,11 @@ class DragonPipeline(StableDiffusionPipeline):
 
     @edit_defaults.setter
     def edit_defaults(self, defaults: EditDefaults) -> None:
+        if not isinstance(defaults, EditDefaults):
+            raise TypeError(
+                f"edit_defaults must be an EditDefaults (dragondiffusion.edit_defaults), "
+                f"got {type(defaults).__name__}; EditDefaults.read(folder) reads a bundle's"
+            )
         self.feature_overrides = {
             edit: FeatureExtractor(self.unet, blocks)
             for edit, blocks in defaults.feature_blocks.items()

@@ -329,9 +329,11 @@ class Sampler:
                     # No rollback after the last run: upstream computed and discarded one.
                     if run < runs - 1:
                         z = self.rollback(i, z_next)
-                z = z_next if outside is None or i >= blended else self.blend(i, z_next, outside)
+                z = z_next
                 if self.plan.statistics is not None and i >= self.plan.statistics.first_step:
                     z = self.plan.statistics.apply(z, self.inversion.at_step(i + 1))
+                if outside is not None and i < blended:  # last: nothing outside may move
+                    z = self.blend(i, z, outside)
                 if self.callback is not None:
                     self.callback({"i": i, "z": z, "guided": guided, "runs": runs})
         finally:
