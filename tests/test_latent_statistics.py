@@ -64,15 +64,18 @@ def test_a_one_cell_object_and_its_partly_covered_neighbours_stay_bounded():
 def test_the_match_covers_the_last_share_of_the_steps_and_follows_the_outline():
     mask = torch.zeros(1, 1, 128, 192)
     mask[..., 16:48, 20:44] = 1  # latent cells x 2.5-5.5 (8 px each): edge cells half covered
-    match = StatisticsMatch.between(mask, mask, (16, 24), 0.2, 50)
+    match = StatisticsMatch.for_share(mask, mask, (16, 24), 0.2, 50)
     assert match.first_step == 40
-    assert StatisticsMatch.between(mask, mask, (16, 24), 1.0, 50).first_step == 0
-    assert StatisticsMatch.between(mask, mask, (16, 24), 0.2, 2).first_step == 1, "at least one"
+    assert StatisticsMatch.for_share(mask, mask, (16, 24), 1.0, 50).first_step == 0
+    assert StatisticsMatch.for_share(mask, mask, (16, 24), 0.2, 2).first_step == 1, "at least one"
     assert match.coverage[0, 0, 3, 2].item() == pytest.approx(0.5)
     assert match.coverage[0, 0, 3, 3].item() == 1.0 and match.coverage[0, 0, 3, 6].item() == 0
     assert match.cells[0, 0, 3, 2] and not match.cells[0, 0, 3, 6]  # ≥ half covered counts
     with pytest.raises(InputError, match="the reference mask"):
-        StatisticsMatch.between(mask, torch.zeros_like(mask), (16, 24), 0.2, 50)
+        StatisticsMatch.for_share(mask, torch.zeros_like(mask), (16, 24), 0.2, 50)
+    assert StatisticsMatch.for_share(mask, mask, (16, 24), 0.0, 50) is None, "0: no match"
+    with pytest.raises(InputError, match=r"match_statistics must lie in \[0, 1\]"):
+        StatisticsMatch.for_share(mask, mask, (16, 24), 1.5, 50)
 
 
 def test_the_sampler_matches_after_each_of_the_last_steps_only(pipe, inversion):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import require_share
 from .geometry import mask_to_grid, require_latent_cells
 
 EPS = 1e-6
@@ -79,22 +80,26 @@ class StatisticsMatch:
     source: int = 1
 
     @classmethod
-    def between(
+    def for_share(
         cls,
         mask: torch.Tensor,
         source_mask: torch.Tensor,
         latent_hw: tuple[int, int],
         share: float,
         num_steps: int,
-    ) -> StatisticsMatch:
+    ) -> StatisticsMatch | None:
         """Match the object under `mask` to the one under `source_mask` (full-size (1, 1, H, W)
-        masks) over the last `share` of `num_steps` steps."""
+        masks) over the last `share` of `num_steps` steps; None when `share` is 0 (the
+        `match_statistics` weight: InputError outside [0, 1])."""
+        require_share("match_statistics", share, "of the steps")
+        if share == 0:
+            return None
         cells = require_latent_cells(mask_to_grid(mask, latent_hw), "the object mask")
         source_cells = require_latent_cells(
             mask_to_grid(source_mask, latent_hw), "the reference mask"
         )
         coverage = F.interpolate(mask.float(), size=latent_hw, mode="area").clamp(0, 1)
-        matched = max(1, round(share * num_steps)) if share > 0 else 0
+        matched = max(1, round(share * num_steps))
         return cls(cells, coverage, source_cells, num_steps - matched)
 
     def apply(self, z: torch.Tensor, source_latents: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from .attention import BankMode, MemoryBank
 from .ddim import DDIMTimesteps, invert_step, predict_x0, sigma, step_to
-from .errors import InputError
+from .errors import require_share
 from .features import FeatureExtractor, energy_grid, upsample
 from .geometry import grow
 from .inversion import Inversion
@@ -34,13 +34,6 @@ from .latent_statistics import StatisticsMatch
 
 EnergyFn = Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 MODES = ("diffeditor", "dragon")
-
-
-def require_share(name: str, value: float, of: str = "") -> None:
-    """Raise InputError unless `value` is a number in [0, 1]."""
-    if isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        what = f"a share {of}" if of else "a share"
-        raise InputError(f"{name} must lie in [0, 1] ({what}), got {value}")
 
 
 def scaled_step(step_of_50: int, num_steps: int) -> int:

@@ -19,7 +19,7 @@ from ..features import energy_grid
 from ..geometry import mask_to_grid, require_latent_cells, require_nonempty
 from ..inversion import Inversion
 from ..latent_statistics import StatisticsMatch
-from ..sampler import EditPlan, require_share, scaled_step
+from ..sampler import EditPlan, scaled_step
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,9 @@ def plan_appearance(
     base_latent = require_latent_cells(
         mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
     )
-    require_share("match_statistics", w.match_statistics, "of the steps")
-    statistics = None
-    if w.match_statistics > 0:
-        statistics = StatisticsMatch.between(
-            mask, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
-        )
+    statistics = StatisticsMatch.for_share(
+        mask, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
+    )
     return EditPlan(
         edit="appearance",
         z_init=z_T,

@@ -18,6 +18,7 @@ import torch
 
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
+from ..errors import require_share
 from ..features import energy_grid
 from ..geometry import (
     Point,
@@ -29,7 +30,7 @@ from ..geometry import (
     warp,
 )
 from ..inversion import Inversion
-from ..sampler import EditPlan, require_share, scaled_step
+from ..sampler import EditPlan, scaled_step
 
 VACATED_NOISE_STREAM = 0x5EED
 """Offset of the seed of the vacated area's noise from the edit's seed, which the sampler's

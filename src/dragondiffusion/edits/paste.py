@@ -32,7 +32,7 @@ from ..geometry import (
 )
 from ..inversion import Inversion
 from ..latent_statistics import StatisticsMatch
-from ..sampler import EditPlan, require_share, scaled_step
+from ..sampler import EditPlan, scaled_step
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,9 @@ def plan_paste(
     )
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
     pasted_full = warp(reference_mask, size, src, dst, scale) > 0.5
-    require_share("match_statistics", w.match_statistics, "of the steps")
-    statistics = None
-    if w.match_statistics > 0:
-        statistics = StatisticsMatch.between(
-            pasted_full, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
-        )
+    statistics = StatisticsMatch.for_share(
+        pasted_full, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
+    )
     return EditPlan(
         edit="paste",
         z_init=z_init,
