@@ -270,6 +270,21 @@ def cell_pixels(pipe: DragonPipeline, size: int) -> float:
     return size / grid[1]
 
 
+def effective(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None:
+    """What decides a method variant's output for `edit` (None: not the method). Variants with
+    equal keys make the same image from the same case (an ablation of a part the edit lacks:
+    match_statistics for move, upstream's blocks where the model overrides none), so the run
+    makes it once."""
+    if variant.mode is None:
+        return None
+    base = pipe.edit_defaults.weights(edit)
+    names = {f.name for f in fields(base)}
+    changed = tuple((k, v) for k, v in variant.weights if k in names and getattr(base, k) != v)
+    upstream = variant.upstream_features and edit in pipe.feature_overrides
+    mode, steps = variant.mode, variant.steps
+    return (mode, steps, variant.memory_bank, variant.keep_background, changed, upstream)
+
+
 def produce(
     pipe: DragonPipeline,
     case: Case,
@@ -480,10 +495,18 @@ def run(
             log(f"[{edit} {k}/{len(cases)}] scene {seeds}: {case.example.title}")
             inversions: dict[int, dict] = {}
             outputs = {}
+            made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
             for variant in variants:
-                began = time.perf_counter()
-                output = produce(pipe, case, variant, inversions, settings.seed, cell_px)
-                seconds = time.perf_counter() - began
+                key = effective(pipe, case.example.edit, variant)
+                if key in made:  # the same image: its seconds are those of making it
+                    twin, seconds = made[key]
+                    output, note = outputs[twin], f"  (the output of {twin})"
+                else:
+                    began = time.perf_counter()
+                    output = produce(pipe, case, variant, inversions, settings.seed, cell_px)
+                    seconds, note = time.perf_counter() - began, ""
+                    if key is not None:
+                        made[key] = variant.name, seconds
                 metrics = measure(case, output, cell_px)
                 result.results.append(
                     {
@@ -496,7 +519,7 @@ def run(
                     }
                 )
                 outputs[variant.name] = output
-                log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}")
+                log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}{note}")
             if k == 1:
                 result.examples.append((case, outputs))
                 if folder is not None:
