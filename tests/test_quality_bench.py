@@ -408,6 +408,17 @@ def test_an_ablation_of_a_part_the_edit_lacks_reuses_the_methods_output(pipe, mo
     assert rows["paste", "no-match"]["background_psnr"] != rows[same[1]]["background_psnr"]
 
 
+def test_the_sheet_has_a_baseline_column_only_when_the_run_has_a_baseline(drawn):
+    case, widths = drawn["move"][0], {}
+    for naive in (True, False):
+        settings = quality.Settings(n=1, edits=("move",), modes=("diffeditor",), baseline=naive)
+        run = quality.QualityRun(settings, "model", "cpu", 4.0)
+        outputs = {"diffeditor": case.image} | ({"baseline": case.image} if naive else {})
+        run.examples.append((case, outputs))
+        widths[naive] = report.sheet(run).width
+    assert widths[True] - widths[False] >= report.CELL, widths
+
+
 # ---------------------------------------------------------------------------------------------
 # The command and its files.
 

@@ -115,16 +115,18 @@ def section(run: QualityRun) -> str:
 
 
 def sheet(run: QualityRun) -> Image.Image:
-    """Contact sheet: the first case of each edit; input | expected | baseline | each mode."""
+    """Contact sheet: the first case of each edit; input | expected | baseline (unless the run
+    has none) | each mode."""
     modes = run.settings.modes
+    naive = ["baseline"] if run.settings.baseline else []
     rows = []
     for case, outputs in run.examples:
         row = [input_picture(case.example), Image.fromarray(case.expected)]
-        row.append(Image.fromarray(outputs["baseline"]) if "baseline" in outputs else None)
+        row += [Image.fromarray(outputs[n]) if n in outputs else None for n in naive]
         row += [Image.fromarray(outputs[m]) for m in modes]
         rows.append(row)
     labels = [case.example.title for case, _ in run.examples]
-    columns = ["input (mask outlined)", "expected (exact)", "baseline", *modes]
+    columns = ["input (mask outlined)", "expected (exact)", *naive, *modes]
     title = (
         f"dragondiffusion {__version__} quality benchmark · {run.settings.steps} steps · "
         f"seed {run.settings.seed}"
