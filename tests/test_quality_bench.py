@@ -383,7 +383,7 @@ def test_an_ablation_of_a_part_the_edit_lacks_reuses_the_methods_output(pipe, mo
 
     def fake_produce(pipe, case, variant, inversions, seed, cell_px):
         made.append((case.example.edit, variant.name))
-        return np.clip(case.image.astype(int) + len(made), 0, 255).astype(np.uint8)  # its own
+        return np.clip(case.image.astype(int) + len(made), 0, 255).astype(np.uint8), 0.0  # own
 
     monkeypatch.setattr(quality, "produce", fake_produce)
     kept, chosen = pipe.edit_defaults, pipe.feature_overrides
@@ -456,6 +456,11 @@ def test_cli_prints_the_table_and_writes_sheet_json_and_docs_section(cli_run):
     summary = json.loads((out / "quality.json").read_text())
     assert summary["status"] == "complete"
     assert len(summary["results"]) == RUN["n"] * len(EDITS) * len(labels)
+    rows = summary["results"]
+    inverted = [(r["edit"], r["case"], r["variant"]) for r in rows if r["inversion_seconds"] > 0]
+    # each case's image(s) inverted once, by its first method row, and timed apart from the edit
+    assert inverted == [(e, k, "diffeditor") for e in EDITS for k in range(1, RUN["n"] + 1)]
+    assert "s inverting, shared)" in stdout
     assert summary["command"].startswith("dragondiffusion bench quality --model ")
     assert summary["command"].endswith(" --device cpu")  # what --resume must be given again
     text = docs.read_text()
@@ -493,7 +498,8 @@ def test_keep_background_restores_the_background_the_method_blurs(cli_run):
 def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
     summary = json.loads((cli_run[2] / "quality.json").read_text())
     again = quality.run(pipe, quality.Settings(model=str(tiny_bundle), **RUN), log=lambda _: None)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    timings = {"seconds", "inversion_seconds"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]  # noqa: E731
     first, second = strip(summary["results"]), strip(again.results)
     assert len(first) == len(second)
     for a, b in zip(first, second, strict=True):
@@ -550,7 +556,8 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     # The same numbers as one uninterrupted run.
     monkeypatch.setattr(quality, "produce", real)
     whole = quality.quality(settings, tmp_path / "whole", docs=None, log=lambda _: None)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    timings = {"seconds", "inversion_seconds"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]  # noqa: E731
     assert json.dumps(strip(done.results)) == json.dumps(strip(whole.results))
     # Other settings or other weights are not continued.
     other = replace(settings, steps=3)

@@ -292,21 +292,22 @@ def produce(
     inversions: dict[int, dict],
     seed: int,
     cell_px: float,
-) -> np.ndarray:
-    """The variant's output (H, W, 3) uint8 for the case.
+) -> tuple[np.ndarray, float]:
+    """The variant's output (H, W, 3) uint8 for the case, and the seconds it spent inverting
+    the case's image(s) (0 when an earlier variant did).
 
     inversions: steps → the case's inversions of that many steps (shared by the variants).
     """
     if variant is IDENTITY:
-        return case.image
+        return case.image, 0.0
     if variant is EXACT:
-        return case.expected
+        return case.expected, 0.0
     if variant is CEILING:
         size = case.expected.shape[1::-1]
         decoded = vae_round_trip(pipe, model_input(pipe, case.expected))
-        return as_array(model_input(pipe, as_array(decoded), size))
+        return as_array(model_input(pipe, as_array(decoded), size)), 0.0
     if variant is BASELINE:
-        return baseline(case.example.edit, case.example.arguments, cell_px)
+        return baseline(case.example.edit, case.example.arguments, cell_px), 0.0
     options: dict[str, Any] = {
         "mode": variant.mode,
         "memory_bank": variant.memory_bank,
@@ -328,7 +329,7 @@ def produce(
         done = run_example(pipe, case.example, steps, store, seed, **options)
     finally:
         pipe.feature_overrides = chosen
-    return np.asarray(done.result.image.convert("RGB"))
+    return np.asarray(done.result.image.convert("RGB")), done.inversion_seconds or 0.0
 
 
 def measure(case: Case, output: np.ndarray, cell_px: float) -> dict[str, float]:
@@ -401,8 +402,9 @@ def fingerprint(pipe: DragonPipeline) -> str:
 class QualityRun:
     """A finished (or partial) benchmark: settings, per-output metrics, and the example sheet.
 
-    results: one dict per (edit, case, variant): edit, case, seeds, variant, seconds and every
-    metric of COLUMNS.
+    results: one dict per (edit, case, variant): edit, case, seeds, variant, seconds (the edit's
+    own), inversion_seconds (the case's inversion, shared by its variants, on the row that ran
+    it; 0 elsewhere) and every metric of COLUMNS.
     """
 
     settings: Settings
@@ -498,15 +500,20 @@ def run(
             made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
             for variant in variants:
                 key = effective(pipe, case.example.edit, variant)
+                inverting = 0.0  # seconds: the edit's own, and the case's shared inversion
                 if key in made:  # the same image: its seconds are those of making it
                     twin, seconds = made[key]
                     output, note = outputs[twin], f"  (the output of {twin})"
                 else:
                     began = time.perf_counter()
-                    output = produce(pipe, case, variant, inversions, settings.seed, cell_px)
-                    seconds, note = time.perf_counter() - began, ""
+                    output, inverting = produce(
+                        pipe, case, variant, inversions, settings.seed, cell_px
+                    )
+                    seconds, note = time.perf_counter() - began - inverting, ""
                     if key is not None:
                         made[key] = variant.name, seconds
+                    if inverting:
+                        note = f"  (+ {inverting:.1f} s inverting, shared)"
                 metrics = measure(case, output, cell_px)
                 result.results.append(
                     {
@@ -515,6 +522,7 @@ def run(
                         "seeds": list(case.seeds),
                         "variant": variant.name,
                         "seconds": round(seconds, 3),
+                        "inversion_seconds": round(inverting, 3),
                         **metrics,
                     }
                 )
