@@ -495,12 +495,15 @@ def test_keep_background_restores_the_background_the_method_blurs(cli_run):
             assert row["background_psnr"] > plain + 10, (edit, case)
 
 
+def without_timings(rows: list[dict]) -> list[dict]:
+    """The rows without their times (the only part of a result that differs between runs)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "inversion_seconds")} for r in rows]
+
+
 def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
     summary = json.loads((cli_run[2] / "quality.json").read_text())
     again = quality.run(pipe, quality.Settings(model=str(tiny_bundle), **RUN), log=lambda _: None)
-    timings = {"seconds", "inversion_seconds"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]  # noqa: E731
-    first, second = strip(summary["results"]), strip(again.results)
+    first, second = without_timings(summary["results"]), without_timings(again.results)
     assert len(first) == len(second)
     for a, b in zip(first, second, strict=True):
         assert a.keys() == b.keys()
@@ -556,9 +559,7 @@ def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
     # The same numbers as one uninterrupted run.
     monkeypatch.setattr(quality, "produce", real)
     whole = quality.quality(settings, tmp_path / "whole", docs=None, log=lambda _: None)
-    timings = {"seconds", "inversion_seconds"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]  # noqa: E731
-    assert json.dumps(strip(done.results)) == json.dumps(strip(whole.results))
+    assert json.dumps(without_timings(done.results)) == json.dumps(without_timings(whole.results))
     # Other settings or other weights are not continued.
     other = replace(settings, steps=3)
     with pytest.raises(InputError, match="other settings"):

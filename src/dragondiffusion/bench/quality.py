@@ -270,6 +270,14 @@ def cell_pixels(pipe: DragonPipeline, size: int) -> float:
     return size / grid[1]
 
 
+def own_weights(base: Any, weights: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    """Those of `weights` that the edit's weights dataclass `base` has: an ablation's weight an
+    edit lacks (match_statistics for move) leaves that edit as it is; --set checks its names
+    against every edit up front."""
+    names = {f.name for f in fields(base)}
+    return {k: v for k, v in weights if k in names}
+
+
 def effective(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None:
     """What decides a method variant's output for `edit` (None: not the method). Variants with
     equal keys make the same image from the same case (an ablation of a part the edit lacks:
@@ -278,8 +286,8 @@ def effective(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None
     if variant.mode is None:
         return None
     base = pipe.edit_defaults.weights(edit)
-    names = {f.name for f in fields(base)}
-    changed = tuple((k, v) for k, v in variant.weights if k in names and getattr(base, k) != v)
+    own = own_weights(base, variant.weights)
+    changed = tuple((k, v) for k, v in own.items() if getattr(base, k) != v)
     upstream = variant.upstream_features and edit in pipe.feature_overrides
     mode, steps = variant.mode, variant.steps
     return (mode, steps, variant.memory_bank, variant.keep_background, changed, upstream)
@@ -315,10 +323,7 @@ def produce(
     }
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.edit)
-        # An ablation's weight an edit lacks (match_statistics for move) leaves that edit as it
-        # is; --set checks its names against every edit up front.
-        own = {k: v for k, v in variant.weights if k in {f.name for f in fields(base)}}
-        options["weights"] = replace(base, **own)
+        options["weights"] = replace(base, **own_weights(base, variant.weights))
     steps = variant.steps
     assert steps is not None
     chosen = pipe.feature_overrides
@@ -500,7 +505,7 @@ def run(
             made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
             for variant in variants:
                 key = effective(pipe, case.example.edit, variant)
-                inverting = 0.0  # seconds: the edit's own, and the case's shared inversion
+                inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
                 if key in made:  # the same image: its seconds are those of making it
                     twin, seconds = made[key]
                     output, note = outputs[twin], f"  (the output of {twin})"
