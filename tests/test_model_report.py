@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dragondiffusion import model_report, scenes
+from dragondiffusion.edit_defaults import WEIGHTS
 from dragondiffusion.errors import InputError
 from dragondiffusion.figures import GAP, header_height
 from dragondiffusion.model_report import (
@@ -22,6 +23,7 @@ from dragondiffusion.model_report import (
     best_matches,
     centroid,
     correspondence_errors,
+    cosines,
     dilate,
     inversion_round_trip,
     masked_psnr,
@@ -37,6 +39,7 @@ from dragondiffusion.model_report import (
     save_figure,
     shift_mask,
     shifted,
+    summed,
     text_to_image,
     vae_round_trip,
     write_report,
@@ -77,7 +80,17 @@ def test_best_matches_finds_a_known_shift_exactly():
     f = torch.randn(16, 6, 7, generator=torch.Generator().manual_seed(0))
     g = torch.roll(f, shifts=(1, 2), dims=(1, 2))  # content moves 2 cells right and 1 down
     cells = torch.tensor([[x, y] for y in range(5) for x in range(5)])
-    assert torch.equal(best_matches(f, g, cells), cells + torch.tensor([2, 1]))
+    assert torch.equal(best_matches(cosines(f, g, cells), 7), cells + torch.tensor([2, 1]))
+
+
+def test_summed_cosines_let_an_informative_block_outvote_a_flat_one():
+    f = torch.randn(16, 6, 7, generator=torch.Generator().manual_seed(0))
+    g = torch.roll(f, shifts=(1, 2), dims=(1, 2))
+    flat = torch.ones(8, 6, 7)  # every cell alike: cosine 1 everywhere, no preference
+    cells = torch.tensor([[x, y] for y in range(5) for x in range(5)])
+    together = cosines(f, g, cells) + cosines(flat, flat, cells)
+    assert torch.equal(best_matches(together, 7), cells + torch.tensor([2, 1]))
+    assert summed([1, 2]) == "up_blocks[1]+up_blocks[2]"
 
 
 def test_shifted_moves_every_object_and_keeps_the_background():
@@ -115,8 +128,11 @@ def test_text_to_image_grid_shape(pipe):
 def test_correspondence_errors_are_finite_distances_in_cells(pipe, timestep):
     scene = scenes.random_scene(4)
     errors = correspondence_errors(pipe, scene, timestep=timestep)
-    assert list(errors) == ["up_blocks[1]", "up_blocks[2]"]
-    for block, side in (("up_blocks[1]", 8), ("up_blocks[2]", 16)):
+    assert list(errors) == ["up_blocks[1]", "up_blocks[2]", "up_blocks[1]+up_blocks[2]"]
+    blocks = (("up_blocks[1]", 8), ("up_blocks[2]", 16), ("up_blocks[1]+up_blocks[2]", 16))
+    # Together on the finer grid: as many object cells as the finer block alone.
+    assert len(errors["up_blocks[1]+up_blocks[2]"]) == len(errors["up_blocks[2]"])
+    for block, side in blocks:
         e = errors[block]
         assert e.ndim == 1 and len(e) > 0
         assert np.isfinite(e).all() and (e >= 0).all() and (e <= side * math.sqrt(2)).all()
@@ -144,7 +160,11 @@ def test_measure_and_write_report(pipe, tmp_path):
     values += [v for modes in report.inversion_psnr.values() for v in modes.values()]
     values += [*report.correspondence[261].values()]
     assert all(np.isfinite(values))
-    assert report.feature_grids == {"up_blocks[1]": 8, "up_blocks[2]": 16}
+    assert report.feature_grids == {
+        "up_blocks[1]": 8,
+        "up_blocks[2]": 16,
+        "up_blocks[1]+up_blocks[2]": 16,
+    }
     assert report.photo_move is not None and report.photo_move.size == (140, 90)
     assert report.photo_move.shift == (30, 5) and report.photo_move.steps == 2
     # The tiny model's decoder self-attention runs on 4×4, 8×8 and 16×16 tokens.
@@ -156,7 +176,14 @@ def test_measure_and_write_report(pipe, tmp_path):
     text = path.read_text()
     assert path == tmp_path / "docs" / "demo-model.md"
     assert "| VAE reconstruction PSNR, mean | 2 scenes |" in text
-    assert "photo noise (128×64)" in text and "up_blocks[2] (16×16 cells)" in text
+    assert "photo noise (128×64)" in text
+    # The tiny model names no feature blocks: every edit compares both, so the target row is
+    # the two together, and each block alone has none.
+    assert report.energy_blocks == {"up_blocks[1]+up_blocks[2]": list(WEIGHTS)}
+    assert "up_blocks[1] + up_blocks[2], summed cosines (16×16 cells) | 1 scenes |" in text
+    assert "up_blocks[2] (16×16 cells; in the energies only with up_blocks[1]) |" in text
+    together = next(line for line in text.splitlines() if "summed cosines" in line)
+    assert together.endswith("| ≤ 1 cell |")
     assert "## Moving an object in a held-out photo" in text
     assert (
         "| decoder self-attention entropy, t = 261, 16×16 tokens (1 = uniform) | 1 scenes |" in text

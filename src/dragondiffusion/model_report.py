@@ -9,8 +9,9 @@
 - Decoder-feature correspondence: a scene and the same scene with every object moved by a known
   offset; for each object cell of the first, the arg-max-cosine cell of the second; the mean
   distance to the true cell, per feature block, in that block's own cells. The blocks are
-  DragonDiffusion's two (1/16 and 1/8 of the image), with the edits whose energies use each
-  (`pipe.features_for`), at a noise level given by a timestep.
+  DragonDiffusion's two (1/16 and 1/8 of the image), at a noise level given by a timestep; also
+  the two compared together as an energy that uses both does (the sum of their cosines, on the
+  finer grid). The target applies to what each edit's energies compare (`pipe.features_for`).
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
   against the shift asked for.
@@ -23,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -161,20 +163,29 @@ def decoder_features(
     return [m[0].float() for m in pipe.features(zt, t, text)]
 
 
-def best_matches(f: torch.Tensor, g: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """For cells (N, 2) (x, y) of map f (C, h, w): the (x, y) cell of map g with the highest
-    cosine similarity over channels, (N, 2)."""
+def cosines(f: torch.Tensor, g: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """For cells (N, 2) (x, y) of map f (C, h, w): the cosine similarity over channels with
+    every cell of map g (C, h, w), (N, h·w) in raster order."""
     c, h, w = g.shape
     source = F.normalize(f[:, cells[:, 1], cells[:, 0]].T, dim=1)
-    target = F.normalize(g.reshape(c, h * w), dim=0)
-    best = (source @ target).argmax(dim=1)
-    return torch.stack([best % w, best // w], dim=1)
+    return source @ F.normalize(g.reshape(c, h * w), dim=0)
+
+
+def best_matches(similarity: torch.Tensor, width: int) -> torch.Tensor:
+    """The (x, y) cell of highest similarity per row of (N, h·w) on a grid `width` wide."""
+    best = similarity.argmax(dim=1)
+    return torch.stack([best % width, best // width], dim=1)
 
 
 def object_cells(masks: list[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
     """(h, w) bool: the cells of the grid at least half covered by some object's mask."""
     union = torch.from_numpy(np.any(masks, axis=0))[None, None]
     return mask_to_grid(union, grid)[0, 0]
+
+
+def summed(blocks: Sequence[int]) -> str:
+    """The name of several blocks compared together: "up_blocks[1]+up_blocks[2]"."""
+    return "+".join(f"up_blocks[{b}]" for b in blocks)
 
 
 def correspondence_errors(
@@ -188,9 +199,12 @@ def correspondence_errors(
 
     The offset is given in cells of the coarsest feature block, so that the true match is a
     whole cell in every block. The two images get independent noise: one shared noise pattern
-    would itself match best at zero displacement. Per block
-    ("up_blocks[i]"): the error (distance between the matched and the true cell, in that block's
-    cells) of every cell that is object in both images, with its true match inside the image.
+    would itself match best at zero displacement. Per block ("up_blocks[i]"): the error
+    (distance between the matched and the true cell, in that block's cells) of every cell that is
+    object in both images, with its true match inside the image. With two blocks or more, also
+    what an energy comparing them together sees (`summed(blocks)`): every block upsampled to the
+    finest grid (nearest, as the energies do), the sum of their cosine similarities, errors in
+    cells of the finest grid.
     """
     side = scene.size // pipe.vae_scale_factor
     shape = (2, 1, pipe.unet.config.in_channels, side, side)
@@ -202,19 +216,35 @@ def correspondence_errors(
     dx, dy = (o * scene.size / coarsest for o in offset_cells)
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
     second = decoder_features(pipe, moved_image, prompt, timestep, noises[1])
-    errors = {}
-    for block, f, g in zip(pipe.features.blocks, first, second, strict=True):
-        h, w = f.shape[-2:]
+
+    def errors_on(grid: tuple[int, int], similarity) -> np.ndarray:
+        h, w = grid
         shift = torch.tensor([round(dx * w / scene.size), round(dy * h / scene.size)])
-        ys, xs = object_cells(masks, (h, w)).nonzero(as_tuple=True)
+        ys, xs = object_cells(masks, grid).nonzero(as_tuple=True)
         cells = torch.stack([xs, ys], dim=1)
         true = cells + shift
         inside = (true >= 0).all(dim=1) & (true[:, 0] < w) & (true[:, 1] < h)
         cells, true = cells[inside], true[inside]
-        on_object = object_cells(moved_masks, (h, w))[true[:, 1], true[:, 0]]
+        on_object = object_cells(moved_masks, grid)[true[:, 1], true[:, 0]]
         cells, true = cells[on_object], true[on_object]
-        found = best_matches(f, g, cells)
-        errors[f"up_blocks[{block}]"] = (found - true).float().norm(dim=1).numpy()
+        found = best_matches(similarity(cells), w)
+        return (found - true).float().norm(dim=1).numpy()
+
+    errors = {}
+    for block, f, g in zip(pipe.features.blocks, first, second, strict=True):
+        grid = tuple(f.shape[-2:])
+        errors[f"up_blocks[{block}]"] = errors_on(grid, partial(cosines, f, g))
+    if len(first) > 1:
+        finest = max((tuple(m.shape[-2:]) for m in first), key=lambda hw: hw[0] * hw[1])
+        up = [
+            [F.interpolate(m[None], size=finest, mode="nearest")[0] for m in maps]
+            for maps in (first, second)
+        ]
+
+        def together(cells: torch.Tensor) -> torch.Tensor:
+            return sum(cosines(f, g, cells) for f, g in zip(*up, strict=True))
+
+        errors[summed(pipe.features.blocks)] = errors_on(finest, together)
     return errors
 
 
@@ -477,12 +507,13 @@ class ModelReport:
     inversion_psnr: dict[str, dict[str, float]]
     """image → "plain" / "bank" → dB."""
     correspondence: dict[int, dict[str, float]]
-    """timestep → block → mean error in that block's cells."""
+    """timestep → block, or blocks compared together (`summed`) → mean error in cells of that
+    block (of the finest of those blocks)."""
     correspondence_scenes: int
     feature_grids: dict[str, int]
-    """block → side of its grid on a native-resolution scene."""
+    """block (or blocks compared together) → side of its grid on a native-resolution scene."""
     energy_blocks: dict[str, list[str]] = field(default_factory=dict)
-    """block → the edits whose energies compare its features (all four for most models)."""
+    """block, or blocks compared together → the edits whose energies compare exactly those."""
     photo_move: PhotoMoveResult | None = None
     """The object moved in a held-out photo (figure "photo-move"); None when not measured."""
     attention_entropy: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -492,11 +523,12 @@ class ModelReport:
 
 
 def energy_blocks(pipe) -> dict[str, list[str]]:
-    """ "up_blocks[i]" → the edits whose energies compare that block's features."""
+    """What an edit's energies compare → those edits: one block ("up_blocks[2]"), or several
+    compared together (`summed`, "up_blocks[1]+up_blocks[2]": their cosines add up)."""
     used: dict[str, list[str]] = {}
     for edit in WEIGHTS:
-        for block in pipe.features_for(edit).blocks:
-            used.setdefault(f"up_blocks[{block}]", []).append(edit)
+        blocks = pipe.features_for(edit).blocks
+        used.setdefault(summed(blocks), []).append(edit)
     return used
 
 
@@ -610,6 +642,7 @@ def measure(
     # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
     coarse, fine = pipe.features.blocks
     grids = {f"up_blocks[{coarse}]": latent // 2, f"up_blocks[{fine}]": latent}
+    grids[summed(pipe.features.blocks)] = latent  # on the finer block's grid
 
     entropy_seeds = correspondence_seeds[:ENTROPY_SCENES]
     log(f"decoder self-attention entropy: {len(entropy_seeds)} scenes at t = {list(timesteps)}")
@@ -731,9 +764,18 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         for block, error in blocks.items():
             side = report.feature_grids[block]
             used = report.energy_blocks.get(block, [])
-            who = "" if len(used) == len(WEIGHTS) else f"; energies of {', '.join(used) or 'none'}"
+            within = [key for key in report.energy_blocks if block in key.split("+")]
+            if used:
+                who = f"; energies of {', '.join(used)}" if len(used) < len(WEIGHTS) else ""
+            elif within:
+                who = "; in the energies only with " + ", ".join(
+                    " + ".join(b for b in key.split("+") if b != block) for key in within
+                )
+            else:
+                who = "; energies of none"
+            what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
             lines.append(
-                f"| feature correspondence error, t = {t}, {block} ({side}×{side} cells{who}) | "
+                f"| feature correspondence error, t = {t}, {what} ({side}×{side} cells{who}) | "
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
                 f"{'≤ 1 cell' if used else '–'} |"
             )
@@ -751,9 +793,12 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "scene moved by one cell of the coarse feature block (each image noised to t); "
         "for each object cell of the first image, the cell of the second with the highest "
         "cosine similarity of the features of DragonDiffusion's two decoder blocks (1/16 and "
-        "1/8 of the image; the target applies to those the model's energies use, "
-        "`feature_blocks` in its dragondiffusion.json); the mean distance to the "
-        "true cell, in cells of that block. Attention entropy: the entropy of the softmax "
+        "1/8 of the image), each alone and the two together (the sum of their cosines on the "
+        "finer grid, the coarser block upsampled nearest: what an energy comparing both "
+        "blocks sees, since it adds their cosines); the mean distance to the true cell, in "
+        "cells of that block (together: of the finer one). The target applies to what an "
+        "edit's energies compare (`feature_blocks` in the model's dragondiffusion.json; "
+        "unnamed edits compare both blocks). Attention entropy: the entropy of the softmax "
         "weights of the decoder self-attention layers (those the memory bank swaps) divided by "
         "log(tokens); near 1 the attention is almost uniform, pooling the image instead of "
         "matching tokens, so the memory bank cannot carry content to matching places.",
