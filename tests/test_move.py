@@ -50,6 +50,25 @@ def test_in_place_enlargement_has_no_vacated_area_and_finite_energy(pipe, invers
     assert torch.isfinite(e_edit) and torch.isfinite(e_content)
 
 
+def test_a_small_shrink_changes_the_masks_on_coarse_grids(inversion):
+    """A resize scales the mask in pixels: a 24-px square scaled by 0.8 (19.2 px) loses its
+    half-covered rim cells on the energy grid (4 px), leaving a vacated ring."""
+    mask = square_mask(SIZE, (64, 40, 88, 64))
+    m = move_masks(mask, SIZE, PLAN_GRID, (76, 52), (76, 52), 0.8, None)
+    assert int(m.target.sum()) == 6 * 6 - 4  # 20 px after rounding: corners under half
+    assert int(m.vacated.sum()) == 4 and not (m.vacated & m.target).any()
+
+
+@pytest.mark.parametrize(("scale", "side"), [(0.5, 2), (1.25, 6)])
+def test_a_resize_marks_latent_cells_by_how_much_the_scaled_object_covers(inversion, scale, side):
+    """A 32-px square on 8-px latent cells (4 × 4), scaled about its centre: by 0.5 it covers 2 ×
+    2 cells exactly; by 1.25 (40 px) it covers half of one more cell on each side, which counts
+    (SCALED_LATENT_COVER)."""
+    mask = square_mask(SIZE, (64, 32, 96, 64))
+    plan = plan_move(inversion, mask, (80, 48), (80, 48), scale)
+    assert int(plan.edit_mask.sum()) == side * side
+
+
 def test_landscape_offsets_are_scaled_per_axis_and_equal_on_every_grid(inversion):
     """Latent masks, energy masks and the copied noise all move by the same physical offset."""
     mask = square_mask(SIZE, (24, 40, 56, 72))

@@ -6,8 +6,9 @@ breaks for ordinary input: the scale is about the handle, not the image centre (
 also move the object); moving is a clipped warp, not a wrap-around roll, and a move that pushes more
 than half of the object out of the image is refused; the reference features are warped onto the
 target cell by cell instead of pairing two masks in raster order (identical when nothing is
-clipped, still aligned when the object is partly pushed out); and an empty vacated region (an
-in-place enlargement) drops the contrast and inpainting terms instead of producing NaN.
+clipped, still aligned when the object is partly pushed out); a resize scales the object mask in
+pixels before putting it on each grid (`moved_region`); and an empty vacated region (an in-place
+enlargement) drops the contrast and inpainting terms instead of producing NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
@@ -32,6 +34,14 @@ from ..geometry import (
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
 
+SCALED_LATENT_COVER = 0.2
+"""A latent cell that the scaled object covers by at least this share is the object's: it gets
+the object's noise and the edit energy's gradient, and only the cells it covers less get fresh
+noise. Size error (|log₂| of the area ratio) on the first 16 resize scenes of the quality
+benchmark: 0.30 at 0.2, 0.32 at 0.35, 0.44 at 0.5, 0.48 at 0 (any cover); the mask scaled on
+the latent grid, as before: 0.39. A small object's side is about 3 latent cells, so at 0.5 its
+partly covered rim gets fresh noise and it shrinks too far, and at 0 the rim keeps the object's
+noise and it hardly shrinks."""
 VACATED_NOISE_STREAM = 0x5EED
 """Offset of the seed of the vacated area's noise from the edit's seed, which the sampler's
 regional SDE draws from: the two must not be the same numbers."""
@@ -65,6 +75,28 @@ class MoveMasks:
     reference: torch.Tensor  # what the vacated area should look like
 
 
+def moved_region(
+    mask: torch.Tensor,
+    grid: tuple[int, int],
+    size: Size,
+    src: Point,
+    dst: Point,
+    scale: float,
+    cover: float = 0.5,
+) -> torch.Tensor:
+    """The object mask (1, 1, H, W) at working size moved (and scaled) on `grid`: the cells the
+    moved object covers by at least `cover`.
+
+    A shift moves the mask on the grid, cell for cell as the features move (`warp` rounds both
+    alike). Scaling is done in pixels first: scaled on a coarse grid, a mask a few cells wide
+    hardly changes (3 cells at 0.8 stay 3), so a resize would not ask for a new size at all.
+    """
+    if scale == 1.0:
+        return warp(mask_to_grid(mask, grid).float(), size, src, dst) > 0.5
+    scaled = warp(mask.float(), size, src, dst, scale) > 0.5
+    return F.interpolate(scaled.float(), size=grid, mode="area") >= cover
+
+
 def move_masks(
     mask: torch.Tensor,
     size: Size,
@@ -78,7 +110,7 @@ def move_masks(
     original = require_nonempty(
         mask_to_grid(mask, grid), "the object mask", "draw a larger object mask"
     )
-    target = warp(original.float(), size, src, dst, scale) > 0.5
+    target = moved_region(mask, grid, size, src, dst, scale)
     require_visible(target, original, scale, "the moved object")
     other = require_nonempty(
         ~(original | target),
@@ -139,7 +171,8 @@ def plan_move(
         mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
     ).to(z_T.dtype)
     target_latent = require_latent_cells(
-        warp(object_latent, size, src, dst, scale) > 0.5, "the moved object on the latent grid"
+        moved_region(mask, latent_hw, size, src, dst, scale, SCALED_LATENT_COVER),
+        "the moved object on the latent grid",
     )
     z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
     require_share("vacated_noise", w.vacated_noise, "of the noise")
