@@ -16,6 +16,15 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
+SCALED_LATENT_COVER = 0.2
+"""A latent cell that a scaled object covers by at least this share is the object's: a move or a
+paste gives it the object's noise and the edit energy's gradient, and a move gives fresh noise
+only to the cells the object left that it covers less. Size error (|log₂| of the area ratio) on
+the first 16 resize scenes of the quality benchmark: 0.30 at 0.2, 0.32 at 0.35, 0.44 at 0.5,
+0.48 at 0 (any cover); the mask scaled on the latent grid, as before: 0.39. A small object's
+side is about 3 latent cells, so at 0.5 its partly covered rim gets fresh noise and it shrinks
+too far, and at 0 the rim keeps the object's noise and it hardly shrinks."""
+
 Point = tuple[float, float]
 Size = tuple[int, int]  # (width, height)
 
@@ -104,6 +113,28 @@ def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if tuple(m.shape[-2:]) == tuple(grid):
         return m > 0.5
     return F.interpolate(m, size=grid, mode="area") >= 0.5
+
+
+def moved_region(
+    mask: torch.Tensor,
+    grid: tuple[int, int],
+    size: Size,
+    src: Point,
+    dst: Point,
+    scale: float,
+    cover: float = 0.5,
+) -> torch.Tensor:
+    """The object mask (1, 1, H, W) at working size moved (and scaled) on `grid`: the cells the
+    moved object covers by at least `cover`.
+
+    A shift moves the mask on the grid, cell for cell as the features move (`warp` rounds both
+    alike). Scaling is done in pixels first: scaled on a coarse grid, a mask a few cells wide
+    hardly changes (3 cells at 0.8 stay 3), so a resize would not ask for a new size at all.
+    """
+    if scale == 1.0:
+        return warp(mask_to_grid(mask, grid).float(), size, src, dst) > 0.5
+    scaled = warp(mask.float(), size, src, dst, scale) > 0.5
+    return F.interpolate(scaled.float(), size=grid, mode="area") >= cover
 
 
 def require_nonempty(mask: torch.Tensor, what: str, fix: str) -> torch.Tensor:

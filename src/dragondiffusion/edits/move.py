@@ -16,16 +16,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import BankMode
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
 from ..errors import require_share
 from ..features import energy_grid
 from ..geometry import (
+    SCALED_LATENT_COVER,
     Point,
     Size,
     mask_to_grid,
+    moved_region,
     require_latent_cells,
     require_nonempty,
     require_visible,
@@ -34,14 +35,6 @@ from ..geometry import (
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
 
-SCALED_LATENT_COVER = 0.2
-"""A latent cell that the scaled object covers by at least this share is the object's: it gets
-the object's noise and the edit energy's gradient, and only the cells it covers less get fresh
-noise. Size error (|log₂| of the area ratio) on the first 16 resize scenes of the quality
-benchmark: 0.30 at 0.2, 0.32 at 0.35, 0.44 at 0.5, 0.48 at 0 (any cover); the mask scaled on
-the latent grid, as before: 0.39. A small object's side is about 3 latent cells, so at 0.5 its
-partly covered rim gets fresh noise and it shrinks too far, and at 0 the rim keeps the object's
-noise and it hardly shrinks."""
 VACATED_NOISE_STREAM = 0x5EED
 """Offset of the seed of the vacated area's noise from the edit's seed, which the sampler's
 regional SDE draws from: the two must not be the same numbers."""
@@ -73,28 +66,6 @@ class MoveMasks:
     other: torch.Tensor  # m_share: neither the old nor the new place
     vacated: torch.Tensor  # old place not covered by the new one (may be empty)
     reference: torch.Tensor  # what the vacated area should look like
-
-
-def moved_region(
-    mask: torch.Tensor,
-    grid: tuple[int, int],
-    size: Size,
-    src: Point,
-    dst: Point,
-    scale: float,
-    cover: float = 0.5,
-) -> torch.Tensor:
-    """The object mask (1, 1, H, W) at working size moved (and scaled) on `grid`: the cells the
-    moved object covers by at least `cover`.
-
-    A shift moves the mask on the grid, cell for cell as the features move (`warp` rounds both
-    alike). Scaling is done in pixels first: scaled on a coarse grid, a mask a few cells wide
-    hardly changes (3 cells at 0.8 stay 3), so a resize would not ask for a new size at all.
-    """
-    if scale == 1.0:
-        return warp(mask_to_grid(mask, grid).float(), size, src, dst) > 0.5
-    scaled = warp(mask.float(), size, src, dst, scale) > 0.5
-    return F.interpolate(scaled.float(), size=grid, mode="area") >= cover
 
 
 def move_masks(

@@ -10,6 +10,8 @@ inverting it. Here the reference is inverted as it is and its z_T and features a
 afterwards (nearest), and the bank composite reads the reference's own tokens inside its unscaled
 mask, so one inversion serves every offset and scale. For scale > 1 this repeats noise cells of
 z_T inside the pasted object (upstream's nearest scaling of the image did the same to pixels).
+The pasted object's masks are the reference mask scaled in pixels, then put on each grid
+(`geometry.moved_region`, as for a resize).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from ..attention import BankMode
 from ..energy import inverse_energy, local_similarity
 from ..features import energy_grid
 from ..geometry import (
+    SCALED_LATENT_COVER,
     Point,
     mask_centre,
     mask_to_grid,
+    moved_region,
     require_latent_cells,
     require_nonempty,
     require_visible,
@@ -70,7 +74,7 @@ def plan_paste(
     )
     src = mask_centre(ref, size)
     dst = (src[0] + offset[0], src[1] + offset[1])
-    pasted = warp(ref.float(), size, src, dst, scale) > 0.5
+    pasted = moved_region(reference_mask, grid, size, src, dst, scale)
     require_visible(pasted, ref, scale, "the pasted object")
     outside = require_nonempty(
         ~pasted, "the area outside the pasted object", "paste a smaller object (lower --scale)"
@@ -88,11 +92,12 @@ def plan_paste(
             )
         return e_edit.sum(), e_content.sum()
 
-    ref_latent = require_latent_cells(
+    require_latent_cells(
         mask_to_grid(reference_mask, latent_hw), "the reference object mask on the latent grid"
-    ).to(z_T.dtype)
+    )
     pasted_latent = require_latent_cells(
-        warp(ref_latent, size, src, dst, scale) > 0.5, "the pasted object on the latent grid"
+        moved_region(reference_mask, latent_hw, size, src, dst, scale, SCALED_LATENT_COVER),
+        "the pasted object on the latent grid",
     )
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
     pasted_full = warp(reference_mask, size, src, dst, scale) > 0.5
