@@ -5,8 +5,10 @@ import torch
 from dragondiffusion.errors import InputError
 from dragondiffusion.geometry import (
     mask_to_grid,
+    moved_region,
     require_nonempty,
     scale_point,
+    scaled_mask,
     warp,
     working_size,
 )
@@ -109,3 +111,35 @@ def test_one_dilation_for_arrays_and_tensors():
     tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
     assert torch.equal(grow(tensor, 1)[0, 0] > 0, torch.from_numpy(grown))
     assert grow(tensor, 0) is tensor and np.array_equal(dilate(mask, 0), mask)
+
+
+def test_moved_region_shift_is_the_grid_masks_warp_and_ignores_cover():
+    mask = torch.zeros(1, 1, 64, 96)
+    mask[..., 10:30, 13:41] = 1  # cells of 4 px: partly covered edges
+    grid, size = (16, 24), (96, 64)
+    on_grid = warp(mask_to_grid(mask, grid).float(), size, (20, 20), (50, 31)) > 0.5
+    for cover in (0.2, 0.5, 0.9):
+        assert torch.equal(moved_region(mask, grid, size, (20, 20), (50, 31), 1.0, cover), on_grid)
+
+
+def test_moved_region_scales_in_pixels_and_takes_cells_by_cover():
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1  # 32 px: 4 × 4 cells of 8 px
+    grid, size, centre = (8, 8), (64, 64), (32, 32)
+    assert torch.equal(scaled_mask(mask, size, centre, centre, 0.5)[0, 0].nonzero().amin(0),
+                       torch.tensor([24, 24]))  # fmt: skip
+    half = moved_region(mask, grid, size, centre, centre, 0.5)
+    assert half[0, 0, 3:5, 3:5].all() and int(half.sum()) == 4
+    # 1.25: 40 px, rims half a cell wide, corner cells a quarter covered
+    assert int(moved_region(mask, grid, size, centre, centre, 1.25, 0.5).sum()) == 6 * 6 - 4
+    assert int(moved_region(mask, grid, size, centre, centre, 1.25, 0.2).sum()) == 6 * 6
+    assert int(moved_region(mask, grid, size, centre, centre, 1.25, 0.6).sum()) == 4 * 4
+    with pytest.raises(ValueError, match="cover must be positive"):
+        moved_region(mask, grid, size, centre, centre, 1.25, 0.0)
+
+
+def test_moved_region_clips_at_the_border():
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 40:60] = 1
+    region = moved_region(mask, (8, 8), (64, 64), (50, 32), (60, 32), 1.5)
+    assert region[0, 0, :, -1].any() and not region[0, 0, :, :3].any()  # nothing wraps round

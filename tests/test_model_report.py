@@ -83,13 +83,25 @@ def test_best_matches_finds_a_known_shift_exactly():
     assert torch.equal(best_matches(cosines(f, g, cells), 7), cells + torch.tensor([2, 1]))
 
 
-def test_summed_cosines_let_an_informative_block_outvote_a_flat_one():
-    f = torch.randn(16, 6, 7, generator=torch.Generator().manual_seed(0))
-    g = torch.roll(f, shifts=(1, 2), dims=(1, 2))
-    flat = torch.ones(8, 6, 7)  # every cell alike: cosine 1 everywhere, no preference
-    cells = torch.tensor([[x, y] for y in range(5) for x in range(5)])
-    together = cosines(f, g, cells) + cosines(flat, flat, cells)
-    assert torch.equal(best_matches(together, 7), cells + torch.tensor([2, 1]))
+def test_summed_cosines_follow_the_more_confident_block():
+    """Two blocks disagree on where cell (0, 0) went: the sum of their cosines picks the block
+    whose peak stands out more, which neither block's own arg-max could do for the other."""
+    cells = torch.tensor([[0, 0]])
+
+    def maps(best: int, runner_up: int, peak: float) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.zeros(3, 1, 4)
+        f[0, 0, 0] = 1.0  # the source cell: channel 0
+        g = torch.zeros(3, 1, 4)
+        g[1] = 1.0  # elsewhere orthogonal to it
+        g[:, 0, best] = torch.tensor([1.0, 0.0, 0.0])  # cosine 1
+        g[:, 0, runner_up] = torch.tensor([peak, (1 - peak**2) ** 0.5, 0.0])  # cosine `peak`
+        return f, g
+
+    sure = maps(best=2, runner_up=3, peak=0.1)  # cell 2 by far
+    unsure = maps(best=3, runner_up=2, peak=0.9)  # cell 3, but cell 2 nearly as good
+    assert best_matches(cosines(*unsure, cells), 4).tolist() == [[3, 0]]
+    together = cosines(*sure, cells) + cosines(*unsure, cells)
+    assert best_matches(together, 4).tolist() == [[2, 0]]
     assert summed([1, 2]) == "up_blocks[1]+up_blocks[2]"
 
 

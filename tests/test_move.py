@@ -62,8 +62,8 @@ def test_a_small_shrink_changes_the_masks_on_coarse_grids(inversion):
 @pytest.mark.parametrize(("scale", "side"), [(0.5, 2), (1.25, 6)])
 def test_a_resize_marks_latent_cells_by_how_much_the_scaled_object_covers(inversion, scale, side):
     """A 32-px square on 8-px latent cells (4 × 4), scaled about its centre: by 0.5 it covers 2 ×
-    2 cells exactly; by 1.25 (40 px) it covers half of one more cell on each side, which counts
-    (SCALED_LATENT_COVER)."""
+    2 cells exactly; by 1.25 (40 px) half of one more cell on each side and a quarter of each
+    corner cell: the corners count only because SCALED_LATENT_COVER is below a quarter."""
     mask = square_mask(SIZE, (64, 32, 96, 64))
     plan = plan_move(inversion, mask, (80, 48), (80, 48), scale)
     assert int(plan.edit_mask.sum()) == side * side

@@ -21,7 +21,7 @@ SCALED_LATENT_COVER = 0.2
 paste gives it the object's noise and the edit energy's gradient, and a move gives fresh noise
 only to the cells the object left that it covers less. Size error (|log₂| of the area ratio) on
 the first 16 resize scenes of the quality benchmark: 0.30 at 0.2, 0.32 at 0.35, 0.44 at 0.5,
-0.48 at 0 (any cover); the mask scaled on the latent grid, as before: 0.39. A small object's
+0.48 for any cover (> 0); the mask scaled on the latent grid, as before: 0.39. A small object's
 side is about 3 latent cells, so at 0.5 its partly covered rim gets fresh noise and it shrinks
 too far, and at 0 the rim keeps the object's noise and it hardly shrinks."""
 
@@ -115,6 +115,14 @@ def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m, size=grid, mode="area") >= 0.5
 
 
+def scaled_mask(
+    mask: torch.Tensor, size: Size, src: Point, dst: Point, scale: float
+) -> torch.Tensor:
+    """A full-resolution mask (1, 1, H, W) moved so `src` lands on `dst` and scaled by `scale`
+    about it, in pixels: bool, same shape."""
+    return warp(mask.float(), size, src, dst, scale) > 0.5
+
+
 def moved_region(
     mask: torch.Tensor,
     grid: tuple[int, int],
@@ -124,17 +132,22 @@ def moved_region(
     scale: float,
     cover: float = 0.5,
 ) -> torch.Tensor:
-    """The object mask (1, 1, H, W) at working size moved (and scaled) on `grid`: the cells the
-    moved object covers by at least `cover`.
+    """The object mask (1, 1, H, W) at working size moved (and scaled) on `grid`, bool.
 
-    A shift moves the mask on the grid, cell for cell as the features move (`warp` rounds both
-    alike). Scaling is done in pixels first: scaled on a coarse grid, a mask a few cells wide
-    hardly changes (3 cells at 0.8 stay 3), so a resize would not ask for a new size at all.
+    A shift (scale 1) moves the object's grid mask (cells at least half covered) on the grid,
+    cell for cell as `warp` moves the features, so a mask and the features warped with it stay
+    aligned; `cover` does not apply. Scaling is done in pixels first (`scaled_mask`), then the
+    cells the scaled object covers by at least `cover` (> 0) are taken: scaled on a coarse grid, a
+    mask a few cells wide hardly changes (3 cells at 0.8 stay 3), so a resize would not ask for a
+    new size at all. The features are still scaled on the grid (nearest), so a rim cell of the
+    scaled mask may take its reference feature from a cell the object covers only partly.
     """
     if scale == 1.0:
         return warp(mask_to_grid(mask, grid).float(), size, src, dst) > 0.5
-    scaled = warp(mask.float(), size, src, dst, scale) > 0.5
-    return F.interpolate(scaled.float(), size=grid, mode="area") >= cover
+    if cover <= 0:
+        raise ValueError(f"cover must be positive, got {cover}")
+    scaled = scaled_mask(mask, size, src, dst, scale).float()
+    return F.interpolate(scaled, size=grid, mode="area") >= cover
 
 
 def require_nonempty(mask: torch.Tensor, what: str, fix: str) -> torch.Tensor:

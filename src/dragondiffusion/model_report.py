@@ -202,9 +202,9 @@ def correspondence_errors(
     would itself match best at zero displacement. Per block ("up_blocks[i]"): the error
     (distance between the matched and the true cell, in that block's cells) of every cell that is
     object in both images, with its true match inside the image. With two blocks or more, also
-    what an energy comparing them together sees (`summed(blocks)`): every block upsampled to the
-    finest grid (nearest, as the energies do), the sum of their cosine similarities, errors in
-    cells of the finest grid.
+    roughly what an energy comparing them together sees (`summed(blocks)`): every block
+    upsampled to the finest grid (nearest, as the energies do), the sum of their cosine
+    similarities, errors in cells of the finest grid.
     """
     side = scene.size // pipe.vae_scale_factor
     shape = (2, 1, pipe.unet.config.in_channels, side, side)
@@ -217,7 +217,9 @@ def correspondence_errors(
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
     second = decoder_features(pipe, moved_image, prompt, timestep, noises[1])
 
-    def errors_on(grid: tuple[int, int], similarity) -> np.ndarray:
+    def errors_on(
+        grid: tuple[int, int], similarity: Callable[[torch.Tensor], torch.Tensor]
+    ) -> np.ndarray:
         h, w = grid
         shift = torch.tensor([round(dx * w / scene.size), round(dy * h / scene.size)])
         ys, xs = object_cells(masks, grid).nonzero(as_tuple=True)
@@ -794,8 +796,8 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "for each object cell of the first image, the cell of the second with the highest "
         "cosine similarity of the features of DragonDiffusion's two decoder blocks (1/16 and "
         "1/8 of the image), each alone and the two together (the sum of their cosines on the "
-        "finer grid, the coarser block upsampled nearest: the displacement an energy that "
-        "sums one term per block favours); the mean distance to the true cell, in "
+        "finer grid, the coarser block upsampled nearest: roughly the displacement an energy "
+        "that sums one term per block favours); the mean distance to the true cell, in "
         "cells of that block (together: of the finer one). The target applies to what an "
         "edit's energies compare (`feature_blocks` in the model's dragondiffusion.json; "
         "unnamed edits compare both blocks). Attention entropy: the entropy of the softmax "

@@ -32,6 +32,7 @@ from ..geometry import (
     require_latent_cells,
     require_nonempty,
     require_visible,
+    scaled_mask,
     warp,
 )
 from ..inversion import Inversion
@@ -92,6 +93,7 @@ def plan_paste(
             )
         return e_edit.sum(), e_content.sum()
 
+    # The reference object itself must cover latent cells: its noise is what gets copied.
     require_latent_cells(
         mask_to_grid(reference_mask, latent_hw), "the reference object mask on the latent grid"
     )
@@ -100,7 +102,7 @@ def plan_paste(
         "the pasted object on the latent grid",
     )
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
-    pasted_full = warp(reference_mask, size, src, dst, scale) > 0.5
+    pasted_full = scaled_mask(reference_mask, size, src, dst, scale)
     statistics = StatisticsMatch.for_share(
         pasted_full, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
     )
