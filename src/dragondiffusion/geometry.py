@@ -23,7 +23,10 @@ only to the cells the object left that it covers less. Size error (|log₂| of t
 the first 16 resize scenes of the quality benchmark: 0.30 at 0.2, 0.32 at 0.35, 0.44 at 0.5,
 0.48 for any cover (> 0); the mask scaled on the latent grid, as before: 0.39. A small object's
 side is about 3 latent cells, so at 0.5 its partly covered rim gets fresh noise and it shrinks
-too far, and at 0 the rim keeps the object's noise and it hardly shrinks."""
+too far, and at 0 the rim keeps the object's noise and it hardly shrinks. Keeping 0.5 for the
+latent target and 0.2 only for which cells get fresh noise: 0.36. Known seam: a shift (scale 1)
+keeps its cells-at-least-half rule, so a scale just off 1 (0.98) also takes the rim cells covered
+0.2–0.5 into the edit-gradient and SDE masks (their start noise is about the same either way)."""
 
 Point = tuple[float, float]
 Size = tuple[int, int]  # (width, height)
