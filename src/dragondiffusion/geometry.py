@@ -110,12 +110,15 @@ def warp(
     raise ValueError(f"unknown warp mode {mode!r}")
 
 
-def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A boolean (B, 1, h, w) mask: the cells at least half covered by the full-size `mask`."""
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int], cover: float = 0.5) -> torch.Tensor:
+    """A boolean (B, 1, h, w) mask: the cells the full-size `mask` covers by at least `cover`
+    (> 0; half by default)."""
+    if cover <= 0:
+        raise ValueError(f"cover must be positive, got {cover}")
     m = mask.float()
     if tuple(m.shape[-2:]) == tuple(grid):
         return m > 0.5
-    return F.interpolate(m, size=grid, mode="area") >= 0.5
+    return F.interpolate(m, size=grid, mode="area") >= cover
 
 
 def scaled_mask(
@@ -147,10 +150,7 @@ def moved_region(
     """
     if scale == 1.0:
         return warp(mask_to_grid(mask, grid).float(), size, src, dst) > 0.5
-    if cover <= 0:
-        raise ValueError(f"cover must be positive, got {cover}")
-    scaled = scaled_mask(mask, size, src, dst, scale).float()
-    return F.interpolate(scaled, size=grid, mode="area") >= cover
+    return mask_to_grid(scaled_mask(mask, size, src, dst, scale), grid, cover)
 
 
 def require_nonempty(mask: torch.Tensor, what: str, fix: str) -> torch.Tensor:

@@ -8,8 +8,8 @@ than half of the object out of the image is refused; the reference features are 
 target cell by cell instead of pairing two masks in raster order (identical when nothing is
 clipped, still aligned when the object is partly pushed out); a resize scales the object mask in
 pixels before putting it on each grid (`moved_region`: on the grid a small object's mask hardly
-changed size); and an empty vacated region (an in-place
-enlargement) drops the contrast and inpainting terms instead of producing NaN.
+changed size); and an empty vacated region (an in-place enlargement) drops the contrast and
+inpainting terms instead of producing NaN.
 """
 
 from __future__ import annotations
