@@ -74,7 +74,7 @@ def test_paste_is_clipped_not_wrapped_and_copies_reference_noise(pipe, scene):
 def test_a_scaled_paste_covers_the_latent_cells_of_the_scaled_object(pipe, scene, scale, side):
     """A 32-px reference square on 8-px latent cells (4 × 4), pasted 64 px right: by 0.5 it
     covers 2 × 2 cells; by 1.25 (40 px) half of one more cell on each side and a quarter of each
-    corner cell, which count at SCALED_LATENT_COVER."""
+    corner cell, which count at LATENT_COVER."""
     img, _mask = scene
     inv = pipe.invert(img, "a scene", 2, reference=img[:, ::-1].copy())
     plan = plan_paste(inv, box(SIZE, 32, 32, 64, 64), (64, 0), scale)

@@ -113,13 +113,18 @@ def test_one_dilation_for_arrays_and_tensors():
     assert grow(tensor, 0) is tensor and np.array_equal(dilate(mask, 0), mask)
 
 
-def test_moved_region_shift_is_the_grid_masks_warp_and_ignores_cover():
+def test_moved_region_shift_is_the_grid_masks_warp_without_a_cover_and_in_pixels_with_one():
     mask = torch.zeros(1, 1, 64, 96)
     mask[..., 10:30, 13:41] = 1  # cells of 4 px: partly covered edges
     grid, size = (16, 24), (96, 64)
     on_grid = warp(mask_to_grid(mask, grid).float(), size, (20, 20), (50, 31)) > 0.5
-    for cover in (0.2, 0.5, 0.9):
-        assert torch.equal(moved_region(mask, grid, size, (20, 20), (50, 31), 1.0, cover), on_grid)
+    assert torch.equal(moved_region(mask, grid, size, (20, 20), (50, 31), 1.0), on_grid)
+    # In pixels: y 21-40, x 43-70; edge cells covered 1/4 (x 40-43, y 40-43) and 3/4, so
+    # corner cells 1/16, 3/16 (under a fifth) and 9/16.
+    for cover, rows, columns, cells in ((0.2, 6, 8, 45), (0.5, 5, 7, 35), (0.9, 4, 6, 24)):
+        moved = moved_region(mask, grid, size, (20, 20), (50, 31), 1.0, cover)
+        assert moved[0, 0].any(dim=1).sum() == rows and moved[0, 0].any(dim=0).sum() == columns
+        assert int(moved.sum()) == cells
 
 
 def test_moved_region_scales_in_pixels_and_takes_cells_by_cover():

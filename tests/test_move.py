@@ -63,7 +63,7 @@ def test_a_small_shrink_changes_the_masks_on_coarse_grids(inversion):
 def test_a_resize_marks_latent_cells_by_how_much_the_scaled_object_covers(inversion, scale, side):
     """A 32-px square on 8-px latent cells (4 × 4), scaled about its centre: by 0.5 it covers 2 ×
     2 cells exactly; by 1.25 (40 px) half of one more cell on each side and a quarter of each
-    corner cell: the corners count only because SCALED_LATENT_COVER is below a quarter."""
+    corner cell: the corners count only because LATENT_COVER is below a quarter."""
     mask = square_mask(SIZE, (64, 32, 96, 64))
     plan = plan_move(inversion, mask, (80, 48), (80, 48), scale)
     assert int(plan.edit_mask.sum()) == side * side
@@ -170,12 +170,31 @@ def test_bad_input_gets_a_clear_error(pipe, scene, inversion, kwargs, match):
 
 
 def test_object_smaller_than_a_latent_cell_is_a_clear_error_not_a_silent_no_op(pipe, inversion):
-    """A 5×5 px object passes the energy-grid checks but covers no latent cell (review finding:
-    the edit mask was all zeros and the move silently did nothing)."""
+    """A 3×3 px object passes the energy-grid checks (9 of a 4-px cell's 16 px) but covers no
+    latent cell by LATENT_COVER (9 of 64 px; review finding: the edit mask was all zeros and the
+    move silently did nothing). A 5×5 px one (25 of 64 px) is an object the move can take."""
     mask = np.zeros((96, 160), bool)
-    mask[40:45, 40:45] = True
-    with pytest.raises(InputError, match="latent grid"):
-        pipe.move(inversion, mask, (42, 42), (100, 42))
+    mask[40:43, 40:43] = True
+    with pytest.raises(InputError, match=r"latent grid.*less than 20% of every latent cell"):
+        pipe.move(inversion, mask, (41, 41), (100, 41))
+    small = square_mask(SIZE, (40, 40, 45, 45))  # at the working size: latent cell (5, 5)
+    plan = plan_move(inversion, small, (42, 42), (106, 42))
+    assert plan.edit_mask[0, 0].nonzero().tolist() == [[5, 13]]
+
+
+def test_a_shift_keeps_the_latent_cells_the_object_partly_covers(inversion):
+    """A 20-px square at x 30-49 covers latent cells 3 and 6 (8 px each) by a quarter, 4 and 5
+    fully: all four are the object's on the latent grid (LATENT_COVER), so its noise rim moves
+    with it and the vacated cells are exactly the four it left. The energy grid keeps the half
+    rule and moves its grid mask cell for cell (4-px cells 7-12, half-covered edges included)."""
+    mask = square_mask(SIZE, (30, 40, 50, 72))
+    plan = plan_move(inversion, mask, (40, 56), (104, 56))  # 64 px = 8 latent cells right
+    columns = plan.edit_mask[0, 0].any(dim=0).nonzero().flatten().tolist()
+    assert columns == [11, 12, 13, 14]
+    left = (plan.sde_mask & ~plan.edit_mask.bool())[0, 0].any(dim=0).nonzero().flatten().tolist()
+    assert left == [3, 4, 5, 6]
+    masks = move_masks(mask, SIZE, PLAN_GRID, (40, 56), (104, 56), 1.0, None)
+    assert masks.target[0, 0].any(dim=0).nonzero().flatten().tolist() == list(range(23, 29))
 
 
 @pytest.mark.parametrize(

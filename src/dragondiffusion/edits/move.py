@@ -23,7 +23,7 @@ from ..energy import contrast_energy, global_similarity, inverse_energy, local_s
 from ..errors import require_share
 from ..features import energy_grid
 from ..geometry import (
-    SCALED_LATENT_COVER,
+    LATENT_COVER,
     Point,
     Size,
     mask_to_grid,
@@ -140,11 +140,14 @@ def plan_move(
 
     # The object's inverted noise is copied to its new place, the same warp as the masks.
     object_latent = require_latent_cells(
-        mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
+        mask_to_grid(mask, latent_hw, LATENT_COVER),
+        "the object mask on the latent grid",
+        LATENT_COVER,
     ).to(z_T.dtype)
     target_latent = require_latent_cells(
-        moved_region(mask, latent_hw, size, src, dst, scale, SCALED_LATENT_COVER),
+        moved_region(mask, latent_hw, size, src, dst, scale, LATENT_COVER),
         "the moved object on the latent grid",
+        LATENT_COVER,
     )
     z_init = torch.where(target_latent, warp(z_T, size, src, dst, scale), z_T)
     require_share("vacated_noise", w.vacated_noise, "of the noise")

@@ -24,7 +24,7 @@ from ..attention import BankMode
 from ..energy import inverse_energy, local_similarity
 from ..features import energy_grid
 from ..geometry import (
-    SCALED_LATENT_COVER,
+    LATENT_COVER,
     Point,
     mask_centre,
     mask_to_grid,
@@ -95,11 +95,14 @@ def plan_paste(
 
     # The reference object itself must cover latent cells: its noise is what gets copied.
     require_latent_cells(
-        mask_to_grid(reference_mask, latent_hw), "the reference object mask on the latent grid"
+        mask_to_grid(reference_mask, latent_hw, LATENT_COVER),
+        "the reference object mask on the latent grid",
+        LATENT_COVER,
     )
     pasted_latent = require_latent_cells(
-        moved_region(reference_mask, latent_hw, size, src, dst, scale, SCALED_LATENT_COVER),
+        moved_region(reference_mask, latent_hw, size, src, dst, scale, LATENT_COVER),
         "the pasted object on the latent grid",
+        LATENT_COVER,
     )
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
     pasted_full = scaled_mask(reference_mask, size, src, dst, scale)
