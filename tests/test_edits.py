@@ -4,7 +4,7 @@ import torch
 
 from dragondiffusion.attention import BankMode
 from dragondiffusion.edits.drag import drag_pair, plan_drag
-from dragondiffusion.edits.paste import plan_paste
+from dragondiffusion.edits.paste import PasteWeights, plan_paste
 from dragondiffusion.errors import InputError
 
 SIZE = (192, 128)  # working size of the 160×96 `scene` fixture; latents 16×24, energy grid 32×48
@@ -79,6 +79,19 @@ def test_a_scaled_paste_covers_the_latent_cells_of_the_scaled_object(pipe, scene
     inv = pipe.invert(img, "a scene", 2, reference=img[:, ::-1].copy())
     plan = plan_paste(inv, box(SIZE, 32, 32, 64, 64), (64, 0), scale)
     assert int(plan.edit_mask.sum()) == side * side
+
+
+def test_a_small_pasted_object_matches_statistics_on_the_cells_it_covers_by_a_fifth(pipe, scene):
+    """A 6×6 px reference (x 36-41, y 40-45) covers latent cell (5, 4) by 24 of 64 px and no
+    cell by half: paste takes it (LATENT_COVER), and so must its statistics match (review
+    finding: it raised "less than 50 % of every latent cell" from the match instead)."""
+    img, _mask = scene
+    inv = pipe.invert(img, "a scene", 2, reference=img[:, ::-1].copy())
+    weights = PasteWeights(match_statistics=0.2)
+    plan = plan_paste(inv, box(SIZE, 36, 40, 42, 46), (64, 0), weights=weights)
+    assert plan.statistics.source_cells[0, 0].nonzero().tolist() == [[5, 4]]
+    assert plan.statistics.cells[0, 0].nonzero().tolist() == [[5, 12]]
+    assert plan.edit_mask[0, 0].nonzero().tolist() == [[5, 12]]
 
 
 @pytest.mark.parametrize("scale", [0.6, 1.0, 1.5])

@@ -170,9 +170,11 @@ def test_bad_input_gets_a_clear_error(pipe, scene, inversion, kwargs, match):
 
 
 def test_object_smaller_than_a_latent_cell_is_a_clear_error_not_a_silent_no_op(pipe, inversion):
-    """A 3×3 px object passes the energy-grid checks (9 of a 4-px cell's 16 px) but covers no
-    latent cell by LATENT_COVER (9 of 64 px; review finding: the edit mask was all zeros and the
-    move silently did nothing). A 5×5 px one (25 of 64 px) is an object the move can take."""
+    """A 3×3 px object of the 160×96 input (3.6 px at the 192×128 working size) passes the
+    energy-grid checks (about 0.6 of its best 4-px cell) but covers no latent cell by
+    LATENT_COVER (about 0.15 of its best 8-px cell; review finding: the edit mask was all zeros
+    and the move silently did nothing). A 5×5 px one at the working size (25 of a cell's 64 px)
+    is an object the move can take."""
     mask = np.zeros((96, 160), bool)
     mask[40:43, 40:43] = True
     with pytest.raises(InputError, match=r"latent grid.*less than 20% of every latent cell"):
@@ -185,16 +187,22 @@ def test_object_smaller_than_a_latent_cell_is_a_clear_error_not_a_silent_no_op(p
 def test_a_shift_keeps_the_latent_cells_the_object_partly_covers(inversion):
     """A 20-px square at x 30-49 covers latent cells 3 and 6 (8 px each) by a quarter, 4 and 5
     fully: all four are the object's on the latent grid (LATENT_COVER), so its noise rim moves
-    with it and the vacated cells are exactly the four it left. The energy grid keeps the half
-    rule and moves its grid mask cell for cell (4-px cells 7-12, half-covered edges included)."""
-    mask = square_mask(SIZE, (30, 40, 50, 72))
+    with it and the vacated cells are exactly the four it left. Rows y 39-71: latent row 4 is
+    covered an eighth (not the object's), rows 5-8 fully. The energy grid keeps the half rule
+    and moves its grid mask cell for cell: 4-px row 9 is covered a quarter (out), columns 7 and
+    12 a half (in)."""
+    mask = square_mask(SIZE, (30, 39, 50, 72))
     plan = plan_move(inversion, mask, (40, 56), (104, 56))  # 64 px = 8 latent cells right
-    columns = plan.edit_mask[0, 0].any(dim=0).nonzero().flatten().tolist()
-    assert columns == [11, 12, 13, 14]
+    cells = plan.edit_mask[0, 0]
+    assert cells.any(dim=0).nonzero().flatten().tolist() == [11, 12, 13, 14]
+    assert cells.any(dim=1).nonzero().flatten().tolist() == [5, 6, 7, 8]
+    z_T = inversion.latents[-1]
+    assert torch.equal(plan.z_init[..., 5:9, 11], z_T[..., 5:9, 3])  # the rim's own noise
     left = (plan.sde_mask & ~plan.edit_mask.bool())[0, 0].any(dim=0).nonzero().flatten().tolist()
     assert left == [3, 4, 5, 6]
     masks = move_masks(mask, SIZE, PLAN_GRID, (40, 56), (104, 56), 1.0, None)
     assert masks.target[0, 0].any(dim=0).nonzero().flatten().tolist() == list(range(23, 29))
+    assert masks.target[0, 0].any(dim=1).nonzero().flatten().tolist() == list(range(10, 18))
 
 
 @pytest.mark.parametrize(

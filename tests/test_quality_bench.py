@@ -641,7 +641,8 @@ fresh vacated noise, move's energies on the finer feature block, latent masks at
 0.36 with the half cover; 0.51 on 50 scenes; 0.66 with the UNet of step 11273; issue 6's
 target: 1 cell)."""
 MOVE_FOUND = 2 / 3
-"""Measured 3 of 3 (1 of 3 with both feature blocks, step 11273; 45 of 50 on the 50-scene run)."""
+"""Measured 3 of 3 (1 of 3 with both feature blocks, step 11273; 46 of 50 on the 50-scene run,
+45 with the half cover)."""
 APPEARANCE_FOUND = 2 / 3
 """Measured 3 of 3 (2 of 3 at step 11273; 0 of 3 without `match_statistics`; 45 of 50 on the
 50-scene run)."""

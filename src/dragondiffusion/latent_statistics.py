@@ -63,6 +63,17 @@ def match_statistics(
     return z + coverage * (renormalised - z)
 
 
+def object_cells(
+    mask: torch.Tensor, latent_hw: tuple[int, int], min_cover: float, what: str
+) -> torch.Tensor:
+    """The latent cells `mask` covers by at least half, or by at least `min_cover` when it covers
+    none by half; InputError when it covers none by `min_cover` either."""
+    cells = mask_to_grid(mask, latent_hw)
+    if cells.any() or min_cover >= 0.5:
+        return require_latent_cells(cells, what)
+    return require_latent_cells(mask_to_grid(mask, latent_hw, min_cover), what, min_cover)
+
+
 @dataclass(frozen=True)
 class StatisticsMatch:
     """What the sampler renormalises, and from which step on.
@@ -87,17 +98,19 @@ class StatisticsMatch:
         latent_hw: tuple[int, int],
         share: float,
         num_steps: int,
+        min_cover: float = 0.5,
     ) -> StatisticsMatch | None:
         """Match the object under `mask` to the one under `source_mask` (full-size (1, 1, H, W)
         masks) over the last `share` of `num_steps` steps; None when `share` is 0 (the
-        `match_statistics` weight: InputError outside [0, 1])."""
+        `match_statistics` weight: InputError outside [0, 1]). The statistics come from the
+        cells each object covers by at least half; an object that covers none by half (a small
+        one, which an edit whose latent masks take cells by `min_cover` still accepts) uses the
+        cells it covers by at least `min_cover`."""
         require_share("match_statistics", share, "of the steps")
         if share == 0:
             return None
-        cells = require_latent_cells(mask_to_grid(mask, latent_hw), "the object mask")
-        source_cells = require_latent_cells(
-            mask_to_grid(source_mask, latent_hw), "the reference mask"
-        )
+        cells = object_cells(mask, latent_hw, min_cover, "the object mask")
+        source_cells = object_cells(source_mask, latent_hw, min_cover, "the reference mask")
         coverage = F.interpolate(mask.float(), size=latent_hw, mode="area").clamp(0, 1)
         matched = max(1, round(share * num_steps))
         return cls(cells, coverage, source_cells, num_steps - matched)

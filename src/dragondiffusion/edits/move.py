@@ -8,8 +8,9 @@ than half of the object out of the image is refused; the reference features are 
 target cell by cell instead of pairing two masks in raster order (identical when nothing is
 clipped, still aligned when the object is partly pushed out); a resize scales the object mask in
 pixels before putting it on each grid (`moved_region`: on the grid a small object's mask hardly
-changed size); and an empty vacated region (an in-place enlargement) drops the contrast and
-inpainting terms instead of producing NaN.
+changed size), and on the latent grid a move or resize takes every cell the moved object covers
+by a fifth (`LATENT_COVER`; a moved object keeps its size better); and an empty vacated region
+(an in-place enlargement) drops the contrast and inpainting terms instead of producing NaN.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def plan_move(
                 )
         return e_edit.sum(), e_content.sum()
 
-    # The object's inverted noise is copied to its new place, the same warp as the masks.
+    # The object's inverted noise is copied to its new place (the latent warped whole cells at a
+    # time, nearest; the target cells come from the mask moved in pixels, so at a shift of a
+    # fraction of a cell one rim row or column may take the noise of a cell beside the object).
     object_latent = require_latent_cells(
         mask_to_grid(mask, latent_hw, LATENT_COVER),
         "the object mask on the latent grid",

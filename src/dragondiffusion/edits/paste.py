@@ -107,7 +107,12 @@ def plan_paste(
     z_init = torch.where(pasted_latent, warp(z_T[1:2], size, src, dst, scale), z_T[:1])
     pasted_full = scaled_mask(reference_mask, size, src, dst, scale)
     statistics = StatisticsMatch.for_share(
-        pasted_full, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
+        pasted_full,
+        reference_mask,
+        latent_hw,
+        w.match_statistics,
+        inversion.num_steps,
+        LATENT_COVER,
     )
     return EditPlan(
         edit="paste",
