@@ -28,6 +28,16 @@ def pipe(tiny_bundle):
     return p
 
 
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded demo model on the CPU, loaded once per test module (slow checks)."""
+    import dragondiffusion
+
+    pipe = dragondiffusion.load(device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def scene():
     """A 160×96 (landscape) image with a red square object and its mask."""

@@ -10,7 +10,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-import dragondiffusion
 from dragondiffusion import scenes
 from dragondiffusion.model_report import (
     as_array,
@@ -32,13 +31,6 @@ pytestmark = [
 ]
 
 SEEDS = range(8)  # held out: training scenes use seeds ≥ TRAIN_SEED_FLOOR
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    pipe = dragondiffusion.load(device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def scene_image(seed: int, size: int) -> tuple[PIL.Image.Image, str]:

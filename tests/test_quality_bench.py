@@ -668,11 +668,7 @@ METHOD, NAIVE = "diffeditor", "baseline (cut-paste + Telea)"
 
 
 @pytest.fixture(scope="module")
-def embedded_rows():
-    import dragondiffusion
-
-    embedded = dragondiffusion.load(device="cpu")
-    embedded.set_progress_bar_config(disable=True)
+def embedded_rows(embedded):
     done = quality.run(embedded, quality.Settings(**EMBEDDED), log=lambda _: None)
     return {(r["variant"], r["edit"]): r for r in report.summarise(done)}
 
@@ -707,11 +703,7 @@ wins (43.3 → 39.5 dB against 41.8); 35.9 against 35.5 with the half cover befo
 
 
 @pytest.fixture(scope="module")
-def move_rows():
-    import dragondiffusion
-
-    embedded = dragondiffusion.load(device="cpu")
-    embedded.set_progress_bar_config(disable=True)
+def move_rows(embedded):
     settings = quality.Settings(edits=("move",), **{**EMBEDDED, "n": MOVE_VACATED_SCENES})
     done = quality.run(embedded, settings, log=lambda _: None)
     return {(r["variant"], r["edit"]): r for r in report.summarise(done)}

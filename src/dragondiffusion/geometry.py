@@ -182,6 +182,14 @@ def require_latent_cells(mask: torch.Tensor, what: str, cover: float = 0.5) -> t
     )
 
 
+def latent_cells(
+    mask: torch.Tensor, latent_hw: tuple[int, int], what: str, cover: float = 0.5
+) -> torch.Tensor:
+    """The latent cells the full-size `mask` covers by at least `cover`; InputError naming `what`
+    and that cover when there are none (`require_latent_cells`)."""
+    return require_latent_cells(mask_to_grid(mask, latent_hw, cover), what, cover)
+
+
 def cell_of(point: Point, image_size: Size, grid: tuple[int, int]) -> tuple[int, int]:
     """The (x, y) cell of an (h, w) grid holding an image point, clamped per axis to the grid."""
     h, w = grid

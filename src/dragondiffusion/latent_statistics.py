@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import require_share
-from .geometry import mask_to_grid, require_latent_cells
+from .geometry import latent_cells, mask_to_grid, require_latent_cells
 
 EPS = 1e-6
 
@@ -71,7 +71,7 @@ def object_cells(
     cells = mask_to_grid(mask, latent_hw)
     if cells.any() or min_cover >= 0.5:
         return require_latent_cells(cells, what)
-    return require_latent_cells(mask_to_grid(mask, latent_hw, min_cover), what, min_cover)
+    return latent_cells(mask, latent_hw, what, min_cover)
 
 
 @dataclass(frozen=True)

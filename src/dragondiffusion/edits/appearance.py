@@ -16,7 +16,7 @@ import torch
 from ..attention import BankMode
 from ..energy import global_similarity, inverse_energy, local_similarity
 from ..features import energy_grid
-from ..geometry import mask_to_grid, require_latent_cells, require_nonempty
+from ..geometry import latent_cells, mask_to_grid, require_nonempty
 from ..inversion import Inversion
 from ..latent_statistics import StatisticsMatch
 from ..sampler import EditPlan, scaled_step
@@ -70,9 +70,7 @@ def plan_appearance(
             )
         return e_edit.sum(), e_content.sum()
 
-    base_latent = require_latent_cells(
-        mask_to_grid(mask, latent_hw), "the object mask on the latent grid"
-    )
+    base_latent = latent_cells(mask, latent_hw, "the object mask on the latent grid")
     statistics = StatisticsMatch.for_share(
         mask, reference_mask, latent_hw, w.match_statistics, inversion.num_steps
     )

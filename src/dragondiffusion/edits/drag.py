@@ -23,9 +23,9 @@ from ..geometry import (
     cell_centre,
     cell_of,
     grow,
+    latent_cells,
     mask_to_grid,
     patch,
-    require_latent_cells,
     require_nonempty,
     warp,
 )
@@ -139,9 +139,7 @@ def plan_drag(
             warp(torch.ones_like(z_init[:, :1]), size, lp.src, lp.dst) > 0.5
         )
         z_init = torch.where(inside, moved, z_init)
-    editable_latent = require_latent_cells(
-        mask_to_grid(mask, latent_hw), "the editable region on the latent grid"
-    )
+    editable_latent = latent_cells(mask, latent_hw, "the editable region on the latent grid")
     n = inversion.num_steps
     return EditPlan(
         edit="drag",

@@ -27,6 +27,7 @@ from ..geometry import (
     LATENT_COVER,
     Point,
     Size,
+    latent_cells,
     mask_to_grid,
     moved_region,
     require_latent_cells,
@@ -142,10 +143,8 @@ def plan_move(
     # The object's inverted noise is copied to its new place (the latent warped whole cells at a
     # time, nearest; the target cells come from the mask moved in pixels, so at a shift of a
     # fraction of a cell one rim row or column may take the noise of a cell beside the object).
-    object_latent = require_latent_cells(
-        mask_to_grid(mask, latent_hw, LATENT_COVER),
-        "the object mask on the latent grid",
-        LATENT_COVER,
+    object_latent = latent_cells(
+        mask, latent_hw, "the object mask on the latent grid", LATENT_COVER
     ).to(z_T.dtype)
     target_latent = require_latent_cells(
         moved_region(mask, latent_hw, size, src, dst, scale, LATENT_COVER),

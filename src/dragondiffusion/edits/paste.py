@@ -26,6 +26,7 @@ from ..features import energy_grid
 from ..geometry import (
     LATENT_COVER,
     Point,
+    latent_cells,
     mask_centre,
     mask_to_grid,
     moved_region,
@@ -94,10 +95,8 @@ def plan_paste(
         return e_edit.sum(), e_content.sum()
 
     # The reference object itself must cover latent cells: its noise is what gets copied.
-    require_latent_cells(
-        mask_to_grid(reference_mask, latent_hw, LATENT_COVER),
-        "the reference object mask on the latent grid",
-        LATENT_COVER,
+    latent_cells(
+        reference_mask, latent_hw, "the reference object mask on the latent grid", LATENT_COVER
     )
     pasted_latent = require_latent_cells(
         moved_region(reference_mask, latent_hw, size, src, dst, scale, LATENT_COVER),
