@@ -103,6 +103,7 @@ def test_cli_info(tiny_bundle, capsys):
     assert "dragondiffusion 0.1" in out and "torch" in out and "diffusers" in out
     assert "device: cpu" in out and "feature blocks: up_blocks[1, 2]" in out
     assert "native resolution: 128 px" in out
+    assert "default steps: move 50, resize 50, appearance 50, drag 50, paste 50 (upstream)" in out
 
 
 def test_outputs_get_ordinary_file_permissions(tmp_path):

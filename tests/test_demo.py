@@ -168,3 +168,25 @@ def test_demo_rejects_too_few_steps(tmp_path, tiny_bundle, capsys):
     assert main(args) == 2
     assert "at least 2" in capsys.readouterr().err
     assert not Path(tmp_path / "o").exists()
+
+
+def test_demo_without_steps_runs_each_edit_at_the_models_own(tmp_path, tiny_bundle):
+    import shutil
+
+    from dragondiffusion.edit_defaults import DEFAULTS_FILE
+
+    bundle = tmp_path / "fast"
+    shutil.copytree(tiny_bundle, bundle)
+    own = {"move": 3, "appearance": 2, "drag": 2, "paste": 2}
+    (bundle / DEFAULTS_FILE).write_text(json.dumps({"steps": own}))
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert (
+            main(["demo", "--model", str(bundle), "--device", "cpu", "--out", str(tmp_path / "o")])
+            == 0
+        )
+    summary = json.loads((tmp_path / "o" / demo.SUMMARY).read_text())
+    steps = [e["record"]["steps"] for e in summary["edits"]]
+    assert steps == [3, 3, 2, 2, 2]  # move, resize (move's), appearance, drag, paste
+    assert "(3 steps)" in stdout.getvalue() and "(2 steps)" in stdout.getvalue()
+    table = stdout.getvalue()[stdout.getvalue().index("edit          seconds") :]
+    assert table.splitlines()[2].split()[2] == "reused"  # resize reuses move's inversion

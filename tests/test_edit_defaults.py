@@ -106,8 +106,8 @@ def test_setting_a_pipelines_defaults_sets_its_feature_blocks_too(tiny_bundle):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("{}", "both optional"),
-        ('{"weights": {}, "layers": [2]}', "both optional"),
+        ("{}", "each optional"),
+        ('{"weights": {}, "layers": [2]}', "each optional"),
         ('{"feature_blocks": [2]}', "must map edits to decoder block indices"),
         ('{"feature_blocks": {"rotate": [2]}}', "feature_blocks: unknown edit 'rotate'"),
         ('{"feature_blocks": {"move": 2}}', "of move must be a non-empty list"),
@@ -120,3 +120,51 @@ def test_bad_feature_blocks_are_clear_errors(tmp_path, text, message):
     (tmp_path / DEFAULTS_FILE).write_text(text)
     with pytest.raises(InputError, match=message):
         EditDefaults.read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"steps": 20}', "steps must map edits to step counts"),
+        ('{"steps": {"rotate": 20}}', "steps: unknown edit 'rotate'"),
+        ('{"steps": {"drag": 1}}', "steps of drag must be a whole number of at least 2, not 1"),
+        ('{"steps": {"drag": 20.5}}', "whole number"),
+        ('{"steps": {"drag": true}}', "whole number"),
+        ('{"steps": {"drag": "20"}}', "whole number"),
+    ],
+)
+def test_bad_step_counts_are_clear_errors(tmp_path, text, message):
+    (tmp_path / DEFAULTS_FILE).write_text(text)
+    with pytest.raises(InputError, match=message):
+        EditDefaults.read(tmp_path)
+
+
+def test_step_counts_round_trip_and_default_to_fifty(tmp_path):
+    written = EditDefaults({"move": {"guidance_scale": 1.0}}, steps={"drag": 20, "move": 30})
+    defaults = EditDefaults.read(written.write(tmp_path).parent)
+    assert defaults.steps == {"drag": 20, "move": 30}
+    assert [defaults.num_steps(e) for e in ("drag", "move", "resize", "paste")] == [20, 30, 30, 50]
+    assert EditDefaults().num_steps("drag") == 50
+
+
+def test_a_bundles_step_counts_are_each_edits_default_unless_steps_are_given(
+    tiny_bundle, tmp_path, scene
+):
+    bundle = tmp_path / "fast"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / DEFAULTS_FILE).write_text(json.dumps({"steps": {"drag": 3, "move": 4}}))
+    pipe = dragondiffusion.load(bundle, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = scene
+    dragged = pipe.drag(image, mask, [((35, 45), (45, 45))])
+    assert dragged.record["steps"] == 3 and dragged.record["evaluations"]["inversion"] == 3
+    moved = pipe.move(image, mask, (35, 45), (60, 45))
+    assert moved.record["steps"] == 4
+    assert (
+        pipe.drag(image, mask, [((35, 45), (45, 45))], num_inference_steps=2).record["steps"] == 2
+    )
+    # An inversion fixes the steps: its own when none are given, an error when others are.
+    inversion = pipe.invert(image, "", num_inference_steps=5)
+    assert pipe.drag(inversion, mask, [((35, 45), (45, 45))]).record["steps"] == 5
+    with pytest.raises(InputError, match="the given inversion has 5 steps, the edit asks for 3"):
+        pipe.drag(inversion, mask, [((35, 45), (45, 45))], num_inference_steps=3)

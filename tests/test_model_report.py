@@ -18,6 +18,7 @@ from dragondiffusion.figures import GAP, header_height
 from dragondiffusion.model_report import (
     COFFEE_CUP,
     COFFEE_MOVE,
+    INVERSION_STEPS,
     PhotoMove,
     PhotoMoveResult,
     best_matches,
@@ -27,6 +28,7 @@ from dragondiffusion.model_report import (
     dilate,
     inversion_round_trip,
     masked_psnr,
+    mean_correspondence,
     measure,
     move_measures,
     moved_places,
@@ -150,6 +152,33 @@ def test_correspondence_errors_are_finite_distances_in_cells(pipe, timestep):
         assert np.isfinite(e).all() and (e >= 0).all() and (e <= side * math.sqrt(2)).all()
 
 
+def test_inverted_correspondence_reads_each_images_own_inversion_once(pipe, monkeypatch):
+    scene = scenes.random_scene(4)
+    calls = []
+    real_invert = type(pipe).invert
+
+    def counting_invert(self, *args, **kwargs):
+        calls.append(args[1:])
+        return real_invert(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "invert", counting_invert)
+    kept: dict = {}
+    first = correspondence_errors(pipe, scene, timestep=741, latents="inverted", cache=kept)
+    again = correspondence_errors(pipe, scene, timestep=261, latents="inverted", cache=kept)
+    assert len(calls) == 2 and len(kept) == 2  # the scene and its shifted copy, inverted once
+    assert all(c == (scenes.caption(scene), INVERSION_STEPS) for c in calls)
+    for errors in (first, again):
+        assert list(errors) == ["up_blocks[1]", "up_blocks[2]", "up_blocks[1]+up_blocks[2]"]
+        assert all(np.isfinite(e).all() and len(e) > 0 for e in errors.values())
+    # Deterministic: no noise is drawn, so the same scene gives the same errors.
+    redo = correspondence_errors(pipe, scene, timestep=741, latents="inverted", cache={})
+    assert all(np.array_equal(first[k], redo[k]) for k in first)
+    with pytest.raises(InputError, match="not a step of a 50-step inversion"):
+        correspondence_errors(pipe, scene, timestep=260, latents="inverted", cache=kept)
+    with pytest.raises(InputError, match="latents must be one of noised, inverted"):
+        mean_correspondence(pipe, [4], 261, latents="denoised")
+
+
 def test_measure_and_write_report(pipe, tmp_path):
     report = measure(
         pipe,
@@ -171,6 +200,8 @@ def test_measure_and_write_report(pipe, tmp_path):
     values = [*report.vae_psnr.values()]
     values += [v for modes in report.inversion_psnr.values() for v in modes.values()]
     values += [*report.correspondence[261].values()]
+    values += [*report.correspondence_inverted[261].values()]
+    assert set(report.correspondence_inverted[261]) == set(report.correspondence[261])
     assert all(np.isfinite(values))
     assert report.feature_grids == {
         "up_blocks[1]": 8,
@@ -192,8 +223,11 @@ def test_measure_and_write_report(pipe, tmp_path):
     # The tiny model names no feature blocks: every edit compares both, so the target row is
     # the two together, and each block alone has none.
     assert report.energy_blocks == {"up_blocks[1]+up_blocks[2]": list(WEIGHTS)}
-    assert "up_blocks[1] + up_blocks[2], summed cosines (16×16 cells) | 1 scenes |" in text
-    assert "up_blocks[2] (16×16 cells; in the energies only with up_blocks[1]) |" in text
+    for how in ("noised", "DDIM-inverted"):
+        both = "up_blocks[1] + up_blocks[2], summed cosines (16×16 cells) | 1 scenes |"
+        assert f"t = 261, {how}, {both}" in text
+        alone = "up_blocks[2] (16×16 cells; in the energies only with up_blocks[1]) |"
+        assert f"{how}, {alone}" in text
     together = next(line for line in text.splitlines() if "summed cosines" in line)
     assert together.endswith("| ≤ 1 cell |")
     assert "## Moving an object in a held-out photo" in text

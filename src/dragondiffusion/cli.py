@@ -11,6 +11,8 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError
 
+STEPS_HELP = "DDIM steps (default: the model's own for each edit, else 50)"
+
 
 def point(text: str) -> tuple[float, float]:
     """Parse 'X,Y' into a pair of floats."""
@@ -46,7 +48,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def add_edit_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--prompt", default="", help="text describing the image (default: empty)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, help=STEPS_HELP)
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     p.add_argument(
         "--mode",
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="dragondiffusion-demo", help="output folder (default dragondiffusion-demo)"
     )
-    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    demo.add_argument("--steps", type=int, help=STEPS_HELP)
     add_bench_parser(sub)
     return parser
 
@@ -171,7 +173,7 @@ def add_bench_parser(sub) -> None:
     quality.add_argument(
         "--mode", default="diffeditor,dragon", help="sampler modes, one row each (default both)"
     )
-    quality.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    quality.add_argument("--steps", type=int, help=STEPS_HELP)
     quality.add_argument("--seed", type=int, default=0, help="scenes and sampler seed (0)")
     quality.add_argument(
         "--ablations",
@@ -179,7 +181,9 @@ def add_bench_parser(sub) -> None:
         help="ablations, in the first mode, or none (default: all)",
     )
     quality.add_argument(
-        "--fewer-steps", type=int, help="steps of the fewer-steps ablation (40 %% of --steps)"
+        "--fewer-steps",
+        type=int,
+        help="steps of the fewer-steps ablation (default: 40 %% of each edit's steps)",
     )
     quality.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     quality.add_argument(
@@ -353,6 +357,9 @@ def run_info(args: argparse.Namespace) -> None:
         f"feature blocks: up_blocks{list(pipe.features.blocks)}{own}; "
         f"memory-bank layers: {len(pipe.bank_layers)}"
     )
+    edits = ("move", "resize", "appearance", "drag", "paste")
+    steps = ", ".join(f"{e} {pipe.edit_defaults.num_steps(e)}" for e in edits)
+    print(f"default steps: {steps} ({pipe.edit_defaults.source})")
 
 
 def set_threads(threads: int | None) -> None:

@@ -240,32 +240,33 @@ def write_png(image: Image.Image | np.ndarray, path: Path) -> Path:
 def run_example(
     pipe: DragonPipeline,
     example: Example,
-    steps: int,
+    steps: int | None,
     inversions: dict,
     seed: int = 42,
     **options: Any,
 ) -> DemoEdit:
     """Run one example, inverting its image(s) unless an earlier example already did.
 
-    `inversions` maps Example.inversion keys to inversions of `steps` steps; `options` go to the
-    edit as they are (other EditOptions fields, `weights`).
+    steps: DDIM steps; None: the model's default for the edit (`EditDefaults.num_steps`).
+    `inversions` maps (Example.inversion key, steps) to inversions; `options` go to the edit as
+    they are (other EditOptions fields, `weights`).
     """
     started = time.perf_counter()
     inversion_seconds = None
     given = example.arguments
-    if example.inversion not in inversions:
-        inversions[example.inversion] = pipe.invert(
+    count = pipe.edit_defaults.num_steps(example.edit) if steps is None else steps
+    key = (example.inversion, count)
+    if key not in inversions:
+        inversions[key] = pipe.invert(
             given["image"],
             given.get("prompt", ""),
-            steps,
+            count,
             reference=given.get("reference"),
             reference_prompt=given.get("reference_prompt"),
         )
         inversion_seconds = time.perf_counter() - started
-    arguments = {**given, "image": inversions[example.inversion]}
-    result = getattr(pipe, example.edit)(
-        **arguments, num_inference_steps=steps, seed=seed, **options
-    )
+    arguments = {**given, "image": inversions[key]}
+    result = getattr(pipe, example.edit)(**arguments, seed=seed, **options)
     return DemoEdit(example, result, time.perf_counter() - started, inversion_seconds)
 
 
@@ -307,11 +308,12 @@ def sheet(edits: list[DemoEdit], model: str) -> Image.Image:
         [input_picture(e.example), Image.fromarray(e.example.expected), e.result.image]
         for e in edits
     ]
-    labels = [f"{e.example.title}\n\n{e.seconds:.1f} s" for e in edits]
+    labels = [
+        f"{e.example.title}\n\n{e.seconds:.1f} s, {e.result.record['steps']} steps" for e in edits
+    ]
     columns = ["input (mask outlined)", "expected (exact)", "output"]
-    steps = edits[0].result.record["steps"] if edits else 0
     label = model if len(model) <= 60 else "…" + model[-59:]
-    title = f"dragondiffusion {__version__} demo · model {label} · {steps} steps"
+    title = f"dragondiffusion {__version__} demo · model {label}"
     return contact_sheet(rows, labels, columns, CELL, title=title)
 
 
@@ -396,7 +398,7 @@ def summary(edits: list[DemoEdit], model: str, load_seconds: float, status: str)
 def demo(
     out: str | Path = "dragondiffusion-demo",
     model: str | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     log: Callable[[str], None] = print,
@@ -404,7 +406,7 @@ def demo(
     """Run every example with one loaded model and write the demo folder (see the module doc)."""
     from .models import default_model, load
 
-    if steps < 2:
+    if steps is not None and steps < 2:
         raise InputError(f"--steps must be at least 2, got {steps}")
     folder = prepare_output(out)
     name = default_model() if model is None else model
@@ -420,7 +422,8 @@ def demo(
     edits: list[DemoEdit] = []
     inversions: dict[str, Any] = {}
     for n, example in enumerate(chosen, 1):
-        log(f"[{n}/{len(chosen)}] {example.title} ({steps} steps) …")
+        count = pipe.edit_defaults.num_steps(example.edit) if steps is None else steps
+        log(f"[{n}/{len(chosen)}] {example.title} ({count} steps) …")
         edit = run_example(pipe, example, steps, inversions)
         write_files(folder, edit)
         edits.append(edit)

@@ -9,7 +9,9 @@ and a stronger energy. Such a bundle carries them in `dragondiffusion.json` at i
 Each entry replaces the named fields of that edit's weights dataclass; weights passed to an edit
 still win. An optional `"feature_blocks": {"move": [2]}` names, per edit, the decoder blocks
 (indices of `unet.up_blocks`) whose features the energies compare, instead of DragonDiffusion's
-two. Bundles without the file (SD 1.5 and every other model) keep upstream's values.
+two. An optional `"steps": {"drag": 20}` sets an edit's default number of DDIM steps (50 where
+unnamed; resize follows move); steps given to an edit still win. Bundles without the file (SD 1.5
+and every other model) keep upstream's values.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ WEIGHTS: dict[str, type] = {
 """The weights dataclass of each pipeline edit (resize is `move`)."""
 UPPER_BOUNDS = {"blend_background": 1.0, "vacated_noise": 1.0, "match_statistics": 1.0}
 """Weights with a largest value (shares); every weight is finite and ≥ 0."""
+DEFAULT_STEPS = 50
+"""DDIM steps of an edit whose model names none (upstream's demo)."""
+SECTIONS = ("weights", "feature_blocks", "steps")
+"""The entries a `dragondiffusion.json` may have (each optional)."""
 
 
 def weight_problem(name: str, value: float) -> str | None:
@@ -74,6 +80,24 @@ def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:
     return blocks
 
 
+def parse_steps(value: object, source: str) -> dict[str, int]:
+    """The file's "steps": edit → a whole number ≥ 2 of DDIM steps ({} if absent)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f'{source}: steps must map edits to step counts, e.g. {{"drag": 20}}')
+    steps: dict[str, int] = {}
+    for edit, count in value.items():
+        if edit not in WEIGHTS:
+            raise InputError(f"{source}: steps: unknown edit {edit!r}; use {', '.join(WEIGHTS)}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+            raise InputError(
+                f"{source}: steps of {edit} must be a whole number of at least 2, not {count!r}"
+            )
+        steps[edit] = count
+    return steps
+
+
 @dataclass(frozen=True)
 class EditDefaults:
     """Per-edit overrides of the weights' default values, and where they came from."""
@@ -84,10 +108,20 @@ class EditDefaults:
     feature_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """edit → decoder blocks of its energies' features; edits not named use DragonDiffusion's
     two (1/16 and 1/8 of the image)."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """edit → its default number of DDIM steps; edits not named take DEFAULT_STEPS."""
 
     def weights(self, edit: str) -> Any:
         """The default weights of `edit` (a key of WEIGHTS) for this model."""
         return replace(WEIGHTS[edit](), **self.overrides.get(edit, {}))
+
+    def num_steps(self, edit: str) -> int:
+        """The default number of DDIM steps of `edit` for this model (resize is "move")."""
+        return self.steps.get("move" if edit == "resize" else edit, DEFAULT_STEPS)
+
+    def steps_from(self, edit: str) -> str:
+        """Where `num_steps(edit)` comes from, for an edit's record: this file or "default"."""
+        return self.source if ("move" if edit == "resize" else edit) in self.steps else "default"
 
     @classmethod
     def parse(cls, data: object, source: str) -> EditDefaults:
@@ -95,12 +129,13 @@ class EditDefaults:
         if (
             not isinstance(data, dict)
             or not data
-            or set(data) - {"weights", "feature_blocks"}
+            or set(data) - set(SECTIONS)
             or not isinstance(data.get("weights", {}), dict)
         ):
             raise InputError(
                 f'{source}: expected {{"weights": {{edit: {{field: number}}}}, '
-                f'"feature_blocks": {{edit: [block index, ...]}}}} (both optional)'
+                f'"feature_blocks": {{edit: [block index, ...]}}, "steps": {{edit: count}}}} '
+                "(each optional)"
             )
         overrides: dict[str, dict[str, float]] = {}
         for edit, values in data.get("weights", {}).items():
@@ -120,7 +155,8 @@ class EditDefaults:
                 if problem:
                     raise InputError(f"{source}: {edit}.{name} {problem}")
             overrides[edit] = {name: float(value) for name, value in values.items()}
-        return cls(overrides, source, parse_blocks(data.get("feature_blocks"), source))
+        blocks = parse_blocks(data.get("feature_blocks"), source)
+        return cls(overrides, source, blocks, parse_steps(data.get("steps"), source))
 
     @classmethod
     def read(cls, folder: Path) -> EditDefaults:
@@ -140,5 +176,7 @@ class EditDefaults:
         data: dict[str, Any] = {"weights": self.overrides}
         if self.feature_blocks:
             data["feature_blocks"] = {e: list(b) for e, b in self.feature_blocks.items()}
+        if self.steps:
+            data["steps"] = dict(self.steps)
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path

@@ -12,6 +12,9 @@
   DragonDiffusion's two (1/16 and 1/8 of the image), at a noise level given by a timestep; also
   the two compared together as an energy that uses both does (the sum of their cosines, on the
   finer grid). The target applies to what each edit's energies compare (`pipe.features_for`).
+  Two ways to bring an image to that noise level: fresh random noise, independent per image
+  (DIFT's protocol), or the image's own DDIM inversion (what the energies compare: the reference
+  features come from the inversion's trajectory, and sampling starts from its z_T).
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
   against the shift asked for.
@@ -20,6 +23,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, scenes
+from .ddim import DDIMTimesteps
 from .edit_defaults import WEIGHTS
 from .errors import InputError
 from .figures import annotate, contact_sheet
@@ -49,6 +54,11 @@ SAMPLE_CAPTIONS = (
 """Captions for the text-to-image grid, in the scene captions' vocabulary."""
 CORRESPONDENCE_TIMESTEPS = (261, 501, 741)
 """Noise levels of the correspondence check: DIFT's t = 261 and two inside the guided steps."""
+INVERSION_STEPS = 50
+"""DDIM steps of the inversions the "inverted" correspondence reads (its timesteps must be on
+their grid: 981, 961, …, 1 for SD 1.5's schedule)."""
+LATENTS = ("noised", "inverted")
+"""How the correspondence check brings an image to timestep t (see the module doc)."""
 ENTROPY_SCENES = 4
 """Held-out scenes (the first correspondence seeds) for the attention entropy."""
 MAX_FIGURE_BYTES = 300_000
@@ -152,13 +162,45 @@ def noised_latent(
 
 
 @torch.no_grad()
+def inverted_latent(
+    pipe, image: np.ndarray, prompt: str, timestep: int, cache: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image's DDIM inversion (INVERSION_STEPS steps, `prompt`) at `timestep`, and the
+    timestep as a tensor. `cache` (any dict) keeps each image's trajectory for other timesteps."""
+    cache = {} if cache is None else cache
+    key = (image.tobytes(), image.shape, prompt)
+    if key not in cache:
+        inversion = pipe.invert(PIL.Image.fromarray(image), prompt, INVERSION_STEPS)
+        steps = DDIMTimesteps(pipe.scheduler, INVERSION_STEPS)
+        cache[key] = inversion.latents, steps.timesteps
+    latents, timesteps = cache[key]
+    if timestep not in timesteps:
+        raise InputError(
+            f"t = {timestep} is not a step of a {INVERSION_STEPS}-step inversion; "
+            f"use one of {timesteps[0]}, {timesteps[1]}, …, {timesteps[-1]}"
+        )
+    z = latents[INVERSION_STEPS - timesteps.index(timestep)]
+    return z, torch.tensor([timestep], device=pipe.device)
+
+
+@torch.no_grad()
 def decoder_features(
-    pipe, image: np.ndarray, prompt: str, timestep: int, noise: torch.Tensor
+    pipe,
+    image: np.ndarray,
+    prompt: str,
+    timestep: int,
+    noise: torch.Tensor,
+    latents: str = "noised",
+    cache: dict | None = None,
 ) -> list[torch.Tensor]:
     """DragonDiffusion's two decoder feature maps (`pipe.features`, whatever blocks an edit's
-    energies use), each (C, h, w) at its block's own resolution, of the image's latent noised to
-    `timestep` with `noise`."""
-    zt, t = noised_latent(pipe, image, timestep, noise)
+    energies use), each (C, h, w) at its block's own resolution, of the image's latent at
+    `timestep`: noised with `noise`, or its DDIM inversion (`latents` "inverted"; `cache` as in
+    `inverted_latent`)."""
+    if latents == "inverted":
+        zt, t = inverted_latent(pipe, image, prompt, timestep, cache)
+    else:
+        zt, t = noised_latent(pipe, image, timestep, noise)
     text = pipe.encode_text(prompt)[0]
     return [m[0].float() for m in pipe.features(zt, t, text)]
 
@@ -194,16 +236,19 @@ def correspondence_errors(
     offset_cells: tuple[int, int] = (1, 1),
     timestep: int = 261,
     seed: int = 0,
+    latents: str = "noised",
+    cache: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Arg-max-cosine matching errors between a scene and the scene shifted by a known offset.
 
     The offset is given in cells of the coarsest feature block, so that the true match is a
-    whole cell in every block. The two images get independent noise: one shared noise pattern
-    would itself match best at zero displacement. Per block ("up_blocks[i]"): the error
-    (distance between the matched and the true cell, in that block's cells) of every cell that is
-    object in both images, with its true match inside the image. With two blocks or more, also
-    roughly what an energy comparing them together sees (`summed(blocks)`): every block
-    upsampled to the finest grid (nearest, as the energies do), the sum of their cosine
+    whole cell in every block. The two images get independent noise (one shared noise pattern
+    would itself match best at zero displacement), or each its own DDIM inversion (`latents`
+    "inverted"; `cache` keeps the inversions for other timesteps). Per block ("up_blocks[i]"):
+    the error (distance between the matched and the true cell, in that block's cells) of every
+    cell that is object in both images, with its true match inside the image. With two blocks
+    or more, also roughly what an energy comparing them together sees (`summed(blocks)`): every
+    block upsampled to the finest grid (nearest, as the energies do), the sum of their cosine
     similarities, errors in cells of the finest grid.
     """
     side = scene.size // pipe.vae_scale_factor
@@ -211,11 +256,11 @@ def correspondence_errors(
     noises = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     prompt = scenes.caption(scene)
     image, masks = scenes.render(scene)
-    first = decoder_features(pipe, image, prompt, timestep, noises[0])
+    first = decoder_features(pipe, image, prompt, timestep, noises[0], latents, cache)
     coarsest = min(m.shape[-1] for m in first)
     dx, dy = (o * scene.size / coarsest for o in offset_cells)
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
-    second = decoder_features(pipe, moved_image, prompt, timestep, noises[1])
+    second = decoder_features(pipe, moved_image, prompt, timestep, noises[1], latents, cache)
 
     def errors_on(
         grid: tuple[int, int], similarity: Callable[[torch.Tensor], torch.Tensor]
@@ -520,6 +565,8 @@ class ModelReport:
     """The object moved in a held-out photo (figure "photo-move"); None when not measured."""
     attention_entropy: dict[int, dict[str, float]] = field(default_factory=dict)
     """timestep → token grid → mean normalised entropy of the decoder self-attention."""
+    correspondence_inverted: dict[int, dict[str, float]] = field(default_factory=dict)
+    """As `correspondence`, each image brought to t by its own DDIM inversion ({}: not run)."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
@@ -585,13 +632,22 @@ def attention_entropy(pipe, seeds: Sequence[int], timestep: int) -> dict[str, fl
 
 
 def mean_correspondence(
-    pipe, seeds: Sequence[int], timestep: int, offset_cells: tuple[int, int] = (1, 1)
+    pipe,
+    seeds: Sequence[int],
+    timestep: int,
+    offset_cells: tuple[int, int] = (1, 1),
+    latents: str = "noised",
+    cache: dict | None = None,
 ) -> dict[str, float]:
-    """Mean matching error per block over all object cells of the scenes with these seeds."""
+    """Mean matching error per block over all object cells of the scenes with these seeds
+    (`latents`, `cache`: as in `correspondence_errors`)."""
+    if latents not in LATENTS:
+        raise InputError(f"latents must be one of {', '.join(LATENTS)}, not {latents!r}")
     errors: dict[str, list[np.ndarray]] = {}
     for seed in seeds:
         scene = scenes.random_scene(seed, pipe.native_resolution)
-        for block, e in correspondence_errors(pipe, scene, offset_cells, timestep).items():
+        found = correspondence_errors(pipe, scene, offset_cells, timestep, 0, latents, cache)
+        for block, e in found.items():
             errors.setdefault(block, []).append(e)
     return {block: mean(np.concatenate(e)) for block, e in errors.items()}
 
@@ -640,6 +696,13 @@ def measure(
 
     log(f"feature correspondence: {len(correspondence_seeds)} scenes at t = {list(timesteps)}")
     correspondence = {t: mean_correspondence(pipe, correspondence_seeds, t) for t in timesteps}
+    log(f"the same on DDIM-inverted latents ({INVERSION_STEPS}-step inversions)")
+    kept: dict = {}  # each scene's inversion, read at every timestep
+    on_inversions = {
+        t: mean_correspondence(pipe, correspondence_seeds, t, latents="inverted", cache=kept)
+        for t in timesteps
+    }
+    del kept
     latent = side // pipe.vae_scale_factor
     # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
     coarse, fine = pipe.features.blocks
@@ -678,6 +741,7 @@ def measure(
         energy_blocks=energy_blocks(pipe),
         photo_move=moved,
         attention_entropy=entropy,
+        correspondence_inverted=on_inversions,
     )
     report.figures["reconstruction"] = contact_sheet(
         [[images[n], vae[n], trips[n]["plain"], trips[n]["bank"]] for n in trips],
@@ -762,8 +826,11 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 f"| inversion → reconstruction PSNR, {report.steps} steps, {label} | {name} | "
                 f"{_db(report.inversion_psnr[name][mode])} | |"
             )
-    for t, blocks in report.correspondence.items():
-        for block, error in blocks.items():
+    protocols = [("noised", report.correspondence)]
+    if report.correspondence_inverted:
+        protocols.append(("DDIM-inverted", report.correspondence_inverted))
+    for (how, measured), t in itertools.product(protocols, report.correspondence):
+        for block, error in measured.get(t, {}).items():
             side = report.feature_grids[block]
             used = report.energy_blocks.get(block, [])
             within = [key for key in report.energy_blocks if block in key.split("+")]
@@ -777,7 +844,8 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 who = "; energies of none"
             what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
             lines.append(
-                f"| feature correspondence error, t = {t}, {what} ({side}×{side} cells{who}) | "
+                f"| feature correspondence error, t = {t}, {how}, {what} "
+                f"({side}×{side} cells{who}) | "
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
                 f"{'≤ 1 cell' if used else '–'} |"
             )
@@ -792,7 +860,11 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "PSNR compares with the input at the size the model sees. Inversion uses the scene's "
         'caption (photos: "a photo") and samples back from z_T with the same prompt, no '
         "classifier-free guidance and no energy guidance. Correspondence: every object of a "
-        "scene moved by one cell of the coarse feature block (each image noised to t); "
+        "scene moved by one cell of the coarse feature block, each image brought to t by "
+        "fresh random noise of its own (noised; DIFT's protocol) or by its own "
+        f"{INVERSION_STEPS}-step DDIM inversion with its caption (DDIM-inverted: what the "
+        "energies compare, whose reference features come from the inversion's trajectory "
+        "and whose sampling starts from its z_T); "
         "for each object cell of the first image, the cell of the second with the highest "
         "cosine similarity of the features of DragonDiffusion's two decoder blocks (1/16 and "
         "1/8 of the image), each alone and the two together (the sum of their cosines on the "

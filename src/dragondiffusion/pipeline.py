@@ -56,7 +56,9 @@ SD15_DDIM = {
 class EditOptions:
     """Settings every edit shares (defaults: upstream's demo, DiffEditor sampler, 50 steps)."""
 
-    num_inference_steps: int = 50
+    num_inference_steps: int | None = None
+    """DDIM steps; None: those of a given Inversion, else the model's default for the edit
+    (`EditDefaults.num_steps`: its dragondiffusion.json "steps", else 50)."""
     mode: str = "diffeditor"
     seed: int = 42
     resolution: int | None = None
@@ -75,8 +77,11 @@ class EditOptions:
             raise InputError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.output_size not in ("input", "working"):
             raise InputError(f"output_size must be 'input' or 'working', not {self.output_size!r}")
-        if self.num_inference_steps < 2:
-            raise InputError(f"steps must be at least 2, got {self.num_inference_steps}")
+        steps = self.num_inference_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+            raise InputError(f"steps must be a whole number, got {steps!r}")
+        if steps is not None and steps < 2:
+            raise InputError(f"steps must be at least 2, got {steps}")
         for name in ("sde_strength", "sde_strength_outside"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -379,11 +384,14 @@ class DragonPipeline(StableDiffusionPipeline):
         image,
         prompt: str,
         options: EditOptions,
+        edit: str,
         reference=None,
         reference_prompt: str | None = None,
     ) -> Inversion:
-        """An Inversion from an image (inverting it) or the given Inversion (reused as is)."""
+        """An Inversion from an image (inverting it with the options' steps, else the model's
+        default for `edit`) or the given Inversion (reused as is; its steps are the edit's)."""
         images = 1 if reference is None else 2
+        steps = options.num_inference_steps
         if isinstance(image, Inversion):
             if image.latents.shape[1] != images:
                 raise InputError(
@@ -391,11 +399,17 @@ class DragonPipeline(StableDiffusionPipeline):
                     f"{image.latents.shape[1]}; invert with{'' if images == 2 else 'out'} "
                     "a reference image"
                 )
+            if steps is not None and steps != image.num_steps:
+                raise InputError(
+                    f"the given inversion has {image.num_steps} steps, the edit asks for "
+                    f"{steps}; leave the steps out (an inversion fixes them) or invert again "
+                    f"with {steps} steps"
+                )
             return image
         return self.invert(
             image,
             prompt,
-            options.num_inference_steps,
+            steps if steps is not None else self.edit_defaults.num_steps(edit),
             options.resolution,
             reference,
             reference_prompt,
@@ -551,7 +565,7 @@ class DragonPipeline(StableDiffusionPipeline):
         started, opts = time.perf_counter(), EditOptions(**options)
         if not np.isfinite(scale) or scale <= 0:
             raise InputError(f"scale must be a positive number, got {scale}")
-        inversion = self.prepare(image, prompt, opts)
+        inversion = self.prepare(image, prompt, opts, "move")
         region = None
         if reference_region is not None:
             region = self.mask_tensor(reference_region, inversion, "reference region")
@@ -586,7 +600,7 @@ class DragonPipeline(StableDiffusionPipeline):
         `image` may be an `Inversion` made with `invert(image, reference=reference)`.
         """
         started, opts = time.perf_counter(), EditOptions(**options)
-        inversion = self.prepare(image, prompt, opts, reference, reference_prompt)
+        inversion = self.prepare(image, prompt, opts, "appearance", reference, reference_prompt)
         plan = plan_appearance(
             inversion,
             self.mask_tensor(mask, inversion, "object mask"),
@@ -608,7 +622,7 @@ class DragonPipeline(StableDiffusionPipeline):
         """Drag content: each (handle, target) pair of input-image points moves the content at
         the handle to the target, within the editable region `mask`."""
         started, opts = time.perf_counter(), EditOptions(**options)
-        inversion = self.prepare(image, prompt, opts)
+        inversion = self.prepare(image, prompt, opts, "drag")
         working = [
             (
                 self.to_working(inversion, h, f"handle {n + 1}"),
@@ -639,7 +653,7 @@ class DragonPipeline(StableDiffusionPipeline):
         started, opts = time.perf_counter(), EditOptions(**options)
         if not np.isfinite(scale) or scale <= 0:
             raise InputError(f"scale must be a positive number, got {scale}")
-        inversion = self.prepare(image, prompt, opts, reference, reference_prompt)
+        inversion = self.prepare(image, prompt, opts, "paste", reference, reference_prompt)
         w, h = inversion.input_sizes[0]
         working_offset = (
             offset[0] * inversion.working_size[0] / w,

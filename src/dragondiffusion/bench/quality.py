@@ -97,13 +97,16 @@ class Variant:
     """One way of producing an output for a case: a group of rows of the table.
 
     mode None: not the method (identity, baseline). Otherwise the method with this sampler mode,
-    `steps`, the memory bank on or off, and the named weights of the edit overridden.
+    `steps` (None: the model's default for each edit, or `FEWER_SHARE` of it where `fewer`), the
+    memory bank on or off, and the named weights of the edit overridden.
     """
 
     name: str
     label: str
     mode: str | None = None
     steps: int | None = None
+    fewer: bool = False
+    """The fewer-steps ablation: without `steps`, FEWER_SHARE of each edit's own steps."""
     memory_bank: bool = True
     weights: tuple[tuple[str, float], ...] = ()
     keep_background: bool = False
@@ -120,8 +123,26 @@ latent may decode closer, and keep_background pastes input pixels back)."""
 BASELINE = Variant("baseline", "baseline (cut-paste + Telea)")
 
 
-def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
-    """The method in `mode` with one part taken away (see ABLATIONS)."""
+FEWER_SHARE = 0.4
+"""The fewer-steps ablation's steps, as a share of the method's (20 of 50)."""
+
+
+def fewer_of(steps: int) -> int:
+    """The fewer-steps ablation's step count for a method run of `steps` steps."""
+    return max(2, round(FEWER_SHARE * steps))
+
+
+def steps_of(pipe: DragonPipeline, edit: str, variant: Variant) -> int:
+    """The DDIM steps a method variant runs `edit` with (see Variant)."""
+    if variant.steps is not None:
+        return variant.steps
+    own = pipe.edit_defaults.num_steps(edit)
+    return fewer_of(own) if variant.fewer else own
+
+
+def ablation(name: str, mode: str, steps: int | None, fewer_steps: int | None) -> Variant:
+    """The method in `mode` with one part taken away (see ABLATIONS); steps None: each edit's
+    own (the model's default), fewer_steps None: FEWER_SHARE of them."""
     if name == "no-bank":
         return Variant(name, f"{mode} − memory bank", mode, steps, memory_bank=False)
     if name == "no-content":
@@ -135,7 +156,8 @@ def ablation(name: str, mode: str, steps: int, fewer_steps: int) -> Variant:
         weights = (("match_statistics", 0),)
         return Variant(name, f"{mode} − statistics match", mode, steps, weights=weights)
     if name == "fewer-steps":
-        return Variant(name, f"{mode}, {fewer_steps} steps", mode, fewer_steps)
+        count = "40 % of the steps" if fewer_steps is None else f"{fewer_steps} steps"
+        return Variant(name, f"{mode}, {count}", mode, fewer_steps, fewer=True)
     if name == "two-blocks":
         label = f"{mode}, upstream's two feature blocks"
         return Variant(name, label, mode, steps, upstream_features=True)
@@ -175,11 +197,12 @@ class Settings:
     n: int = 50
     edits: tuple[str, ...] = EDITS
     modes: tuple[str, ...] = MODES
-    steps: int = 50
+    steps: int | None = None
+    """DDIM steps of every edit; None: each edit's default for the model (`num_steps`)."""
     seed: int = 0
     ablations: tuple[str, ...] = ABLATIONS
     fewer_steps: int | None = None
-    """Steps of the fewer-steps ablation; None: 40 % of `steps` (20 of 50)."""
+    """Steps of the fewer-steps ablation; None: 40 % of each edit's steps (20 of 50)."""
     baseline: bool = True
     device: str | None = None
     dtype: str | None = None
@@ -192,13 +215,12 @@ class Settings:
             raise InputError(f"--n must be at least 1 scene per edit, got {self.n}")
         if not 0 <= self.seed < 2**63:
             raise InputError(f"--seed must be a whole number ≥ 0, got {self.seed}")
-        if self.steps < 2:
+        if self.steps is not None and self.steps < 2:
             raise InputError(f"--steps must be at least 2, got {self.steps}")
-        if "fewer-steps" in self.ablations and not 2 <= self.fewer < self.steps:
-            raise InputError(
-                f"the fewer-steps ablation needs 2 ≤ --fewer-steps < --steps ({self.steps}), got "
-                f"{self.fewer}; give another --fewer-steps or leave fewer-steps out of --ablations"
-            )
+        if self.steps is not None:
+            self.check_fewer(self.steps, "--steps")
+        elif self.fewer_steps is not None and self.fewer_steps < 2:
+            raise InputError(f"--fewer-steps must be at least 2, got {self.fewer_steps}")
         require_known(self.edits, EDITS, "--edits")
         require_known(self.modes, MODES, "--mode")
         require_known(self.ablations, ABLATIONS, "--ablations", empty=True)
@@ -215,10 +237,29 @@ class Settings:
                 problem = next((p for p in problems if p), "must be finite and ≥ 0")
                 raise InputError(f"--set {name}: every value {problem}, e.g. {name}=0,1")
 
+    def check_fewer(self, steps: int, what: str) -> None:
+        """InputError unless the fewer-steps ablation (if asked for) runs 2 ≤ n < `steps`
+        steps; `what` names where `steps` comes from."""
+        fewer = self.fewer_steps if self.fewer_steps is not None else fewer_of(steps)
+        if "fewer-steps" in self.ablations and not 2 <= fewer < steps:
+            raise InputError(
+                f"the fewer-steps ablation needs 2 ≤ --fewer-steps < {what} ({steps}), got "
+                f"{fewer}; give another --fewer-steps or leave fewer-steps out of --ablations"
+            )
+
+    def check_model(self, pipe: DragonPipeline) -> None:
+        """Check the steps against the model's per-edit defaults (when --steps is not given)."""
+        if self.steps is None:
+            for edit in self.edits:
+                steps = pipe.edit_defaults.num_steps(edit)
+                self.check_fewer(steps, f"{edit}'s default steps")
+
     @property
-    def fewer(self) -> int:
-        """The step count of the fewer-steps ablation."""
-        return self.fewer_steps if self.fewer_steps is not None else max(2, round(0.4 * self.steps))
+    def fewer(self) -> int | None:
+        """The step count of the fewer-steps ablation; None: 40 % of each edit's steps."""
+        if self.fewer_steps is not None or self.steps is None:
+            return self.fewer_steps
+        return fewer_of(self.steps)
 
     def variants(self) -> list[Variant]:
         """Identity, exact, its VAE ceiling, baseline, the method in each mode, then the
@@ -244,11 +285,11 @@ class Settings:
             f"--n {self.n}",
             f"--edits {','.join(self.edits)}",
             f"--mode {','.join(self.modes)}",
-            f"--steps {self.steps}",
+            *([f"--steps {self.steps}"] if self.steps is not None else []),
             f"--seed {self.seed}",
             f"--ablations {','.join(self.ablations) or 'none'}",
         ]
-        if "fewer-steps" in self.ablations:
+        if "fewer-steps" in self.ablations and self.fewer is not None:
             parts.append(f"--fewer-steps {self.fewer}")
         if not self.baseline:
             parts.append("--no-baseline")
@@ -289,7 +330,7 @@ def effective(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None
     own = own_weights(base, variant.weights)
     changed = tuple((k, v) for k, v in own.items() if getattr(base, k) != v)
     upstream = variant.upstream_features and edit in pipe.feature_overrides
-    mode, steps = variant.mode, variant.steps
+    mode, steps = variant.mode, steps_of(pipe, edit, variant)
     return (mode, steps, variant.memory_bank, variant.keep_background, changed, upstream)
 
 
@@ -324,8 +365,7 @@ def produce(
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.edit)
         options["weights"] = replace(base, **own_weights(base, variant.weights))
-    steps = variant.steps
-    assert steps is not None
+    steps = steps_of(pipe, case.example.edit, variant)
     chosen = pipe.feature_overrides
     if variant.upstream_features:
         pipe.feature_overrides = {}
@@ -392,6 +432,7 @@ def fingerprint(pipe: DragonPipeline) -> str:
         __version__,
         pipe.vae.config.scaling_factor,
         sorted(pipe.edit_defaults.overrides.items()),
+        sorted(pipe.edit_defaults.steps.items()),
         sorted((e, f.blocks) for e, f in pipe.feature_overrides.items()),
     )
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
@@ -422,6 +463,18 @@ class QualityRun:
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
     fingerprint: str = ""
     """The model's weights' `fingerprint` ("" where not taken)."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """edit → the DDIM steps of its method rows (--steps, else the model's default)."""
+
+    def steps_text(self) -> str:
+        """ "50 steps", or each edit's where they differ ("steps: move 50, drag 20")."""
+        counts = set(self.steps.values())
+        if not counts:  # not started
+            given = self.settings.steps
+            return "each edit's default steps" if given is None else f"{given} steps"
+        if len(counts) == 1:
+            return f"{counts.pop()} steps"
+        return "steps: " + ", ".join(f"{e} {n}" for e, n in self.steps.items())
 
 
 def example_path(folder: Path, edit: str, variant: str) -> Path:
@@ -481,6 +534,9 @@ def run(
     cell_px = cell_pixels(pipe, size)
     result = QualityRun(settings, settings.model or pipe.model_name, str(pipe.device), cell_px)
     result.fingerprint = stamp if stamp is not None else fingerprint(pipe)
+    settings.check_model(pipe)
+    method = Variant("method", "method", settings.modes[0], settings.steps)
+    result.steps = {edit: steps_of(pipe, edit, method) for edit in settings.edits}
     variants = settings.variants()
     names = [v.name for v in variants]
     started, before = time.perf_counter(), earlier.seconds if earlier else 0.0
@@ -667,6 +723,7 @@ def measured(
     log(f"loading model {name} …")
     pipe = load(name, settings.device, settings.dtype)
     pipe.set_progress_bar_config(disable=True)
+    settings.check_model(pipe)  # fail now, not after loading an earlier run
     stamp = fingerprint(pipe)
     earlier = resumable(saved, pipe, stamp, folder) if saved is not None else None
     variants = settings.variants()

@@ -93,7 +93,7 @@ def section(run: QualityRun) -> str:
             f"`{s.command()}`",
             "",
             f"Model `{run.model}`; {s.n} held-out scene(s) per edit at the model's native "
-            f"resolution; {s.steps} steps; seed {s.seed}; device {run.device}; "
+            f"resolution; {run.steps_text()}; seed {s.seed}; device {run.device}; "
             f"dragondiffusion {__version__}; {run.date}; {run.seconds / 60:.1f} minutes. "
             f"A feature cell is {run.cell_px:g} px.",
             "",
@@ -128,7 +128,7 @@ def sheet(run: QualityRun) -> Image.Image:
     labels = [case.example.title for case, _ in run.examples]
     columns = ["input (mask outlined)", "expected (exact)", *naive, *modes]
     title = (
-        f"dragondiffusion {__version__} quality benchmark · {run.settings.steps} steps · "
+        f"dragondiffusion {__version__} quality benchmark · {run.steps_text()} · "
         f"seed {run.settings.seed}"
     )
     return contact_sheet(rows, labels, columns, CELL, title=title)
@@ -148,6 +148,7 @@ def summary(run: QualityRun, status: str) -> str:
             "cell_px": run.cell_px,
             "date": run.date,
             "fingerprint": run.fingerprint,
+            "steps": run.steps,
             "seconds": round(run.seconds, 3),
             "table": summarise(run),
             "results": run.results,
