@@ -73,3 +73,16 @@ def test_the_embedded_model_loads_by_default_and_with_plain_diffusers():
         models.EMBEDDED_MODEL / "unet" / "diffusion_pytorch_model.safetensors", "pt"
     ) as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (fp16)
+
+
+def test_the_embedded_bundles_edit_defaults_are_those_its_training_run_exports():
+    """`train_demo_model.py` copies its run folder's dragondiffusion.json into every bundle it
+    exports: the two must agree, or the next export silently changes the model's defaults."""
+    from dragondiffusion.edit_defaults import EditDefaults
+
+    run = ROOT / "training" / "demo-model"
+    shipped, exported = EditDefaults.read(models.EMBEDDED_MODEL), EditDefaults.read(run)
+    assert shipped.source != "upstream" and exported.source != "upstream"
+    for name in ("overrides", "feature_blocks", "steps"):
+        assert getattr(shipped, name) == getattr(exported, name), name
+    assert shipped.steps == {"appearance": 20, "drag": 20, "paste": 20}
