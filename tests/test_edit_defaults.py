@@ -168,3 +168,9 @@ def test_a_bundles_step_counts_are_each_edits_default_unless_steps_are_given(
     assert pipe.drag(inversion, mask, [((35, 45), (45, 45))]).record["steps"] == 5
     with pytest.raises(InputError, match="the given inversion has 5 steps, the edit asks for 3"):
         pipe.drag(inversion, mask, [((35, 45), (45, 45))], num_inference_steps=3)
+    # invert can take an edit's own count, to be reused by that edit.
+    assert pipe.invert(image, "", edit="drag").num_steps == 3
+    assert pipe.invert(image, "", edit="resize").num_steps == 4  # move's
+    assert pipe.invert(image, "").num_steps == 50
+    with pytest.raises(InputError, match="edit must be one of move, appearance, drag, paste"):
+        pipe.invert(image, "", edit="rotate")

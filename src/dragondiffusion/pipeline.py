@@ -24,7 +24,7 @@ from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
 from .composite import keep_background
 from .ddim import DDIMTimesteps
-from .edit_defaults import EditDefaults
+from .edit_defaults import DEFAULT_STEPS, WEIGHTS, EditDefaults
 from .edits import (
     AppearanceWeights,
     DragWeights,
@@ -306,16 +306,24 @@ class DragonPipeline(StableDiffusionPipeline):
         self,
         image,
         prompt: str = "",
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         resolution: int | None = None,
         reference=None,
         reference_prompt: str | None = None,
+        edit: str | None = None,
     ) -> Inversion:
         """DDIM-invert `image` (path, PIL or array) into a reusable trajectory + memory bank.
 
         With `reference`, the reference image (resized to the image's working size) is inverted
-        in the same batch, as appearance replacement and pasting need.
+        in the same batch, as appearance replacement and pasting need. Steps: those given, else
+        the model's count for `edit` (e.g. "drag", whose edits reuse it), else 50.
         """
+        if num_inference_steps is None:
+            if edit is not None and edit not in (*WEIGHTS, "resize"):
+                raise InputError(f"edit must be one of {', '.join(WEIGHTS)}, resize; not {edit!r}")
+            num_inference_steps = (
+                DEFAULT_STEPS if edit is None else self.edit_defaults.num_steps(edit)
+            )
         if num_inference_steps < 2:
             raise InputError(f"steps must be at least 2, got {num_inference_steps}")
         images = [load_image(image)]
