@@ -2,10 +2,12 @@
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 
 from dragondiffusion.cli import main
 from dragondiffusion.composite import background_alpha, keep_background
+from dragondiffusion.errors import InputError
 from dragondiffusion.io import read_record
 
 
@@ -46,6 +48,14 @@ def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inv
     assert not np.array_equal(full[far], img[far])
     # Inside the new place the edited pixels are kept.
     assert np.array_equal(out[35:55, 90:110], full[35:55, 90:110])
+    # The same image from the plain result, without sampling again; the plain one is untouched.
+    later = plain.with_background_kept()
+    assert np.array_equal(np.asarray(later.image), out) and later.record["keep_background"]
+    assert np.array_equal(np.asarray(plain.image), full) and not plain.record["keep_background"]
+    assert kept.with_background_kept() is kept
+    bare = type(plain)(plain.image, plain.latent, dict(plain.record))
+    with pytest.raises(InputError, match="no edit region"):
+        bare.with_background_kept()
 
 
 def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle):

@@ -406,10 +406,22 @@ def test_no_match_ablation_zeroes_the_match_where_the_edit_has_one(pipe, drawn, 
     assert seen["move"] == model.weights("move"), "move has no match: the model's own weights"
 
 
+def test_keep_background_composites_the_methods_output_instead_of_sampling_again(pipe, drawn):
+    variants = {v.name: v for v in quality.Settings(steps=4).variants()}
+    case = drawn["move"][0]
+    alone, _ = quality.produce(pipe, case, variants["keep-background"], {}, 0, 4.0)
+    made: dict = {}
+    method, _ = quality.produce(pipe, case, variants["diffeditor"], {}, 0, 4.0, made)
+    assert len(made) == 1
+    reused, inverting = quality.produce(pipe, case, variants["keep-background"], {}, 0, 4.0, made)
+    assert np.array_equal(reused, alone) and inverting == 0.0 and len(made) == 1
+    assert not np.array_equal(reused, method)
+
+
 def test_an_ablation_of_a_part_the_edit_lacks_reuses_the_methods_output(pipe, monkeypatch):
     made = []
 
-    def fake_produce(pipe, case, variant, inversions, seed, cell_px):
+    def fake_produce(pipe, case, variant, inversions, seed, cell_px, results=None):
         made.append((case.example.edit, variant.name))
         return np.clip(case.image.astype(int) + len(made), 0, 255).astype(np.uint8), 0.0  # own
 

@@ -96,10 +96,29 @@ class EditResult:
     image: PIL.Image.Image
     latent: torch.Tensor
     record: dict
+    region: torch.Tensor | None = None
+    """The edit's region on the latent grid (the plan's regional-SDE mask), for
+    `with_background_kept`; None where the edit has none."""
+    original: PIL.Image.Image | None = None
+    """The input image, for `with_background_kept`."""
 
     def save(self, path) -> None:
         """Write the image as PNG with the record as JSON metadata (atomic)."""
         save_png(self.image, path, self.record)
+
+    def with_background_kept(self) -> EditResult:
+        """This edit with the input's own pixels outside its region, as `keep_background=True`
+        makes it, without sampling again (e.g. to show both in a UI)."""
+        if self.record.get("keep_background"):
+            return self
+        if self.region is None or self.original is None:
+            raise InputError(
+                "this result carries no edit region to keep the background around; "
+                "run the edit with keep_background=True instead"
+            )
+        image = keep_background(self.image, self.original, self.region)
+        record = {**self.record, "keep_background": True}
+        return replace(self, image=image, record=record)
 
 
 class DragonPipeline(StableDiffusionPipeline):
@@ -463,8 +482,9 @@ class DragonPipeline(StableDiffusionPipeline):
         image = self.decode(z)
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
-        if options.keep_background and plan.sde_mask is not None:
-            image = keep_background(image, inversion.images[0], plan.sde_mask)
+        region = None if plan.sde_mask is None else plan.sde_mask.detach().cpu()
+        if options.keep_background and region is not None:
+            image = keep_background(image, inversion.images[0], region)
         record = {
             "dragondiffusion": __version__,
             "edit": plan.edit,
@@ -504,7 +524,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "seconds": round(time.perf_counter() - started, 3),
             **plan.params,
         }
-        return EditResult(image=image, latent=z, record=record)
+        return EditResult(image, z, record, region, inversion.images[0])
 
     def to_working(self, inversion: Inversion, point: Point, what: str) -> Point:
         """A point in input-image pixels → working-image pixels; must lie in the image."""

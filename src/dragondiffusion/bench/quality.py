@@ -78,7 +78,7 @@ from .report import COLUMNS, brief, model_label, section, sheet, summary, table
 from .sections import write_section
 
 if TYPE_CHECKING:
-    from ..pipeline import DragonPipeline
+    from ..pipeline import DragonPipeline, EditResult
 
 FOUND_SHARE = 0.25
 """A segmented object smaller than this share of the expected object counts as not found."""
@@ -334,6 +334,11 @@ def effective(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None
     return (mode, steps, variant.memory_bank, variant.keep_background, changed, upstream)
 
 
+def twin_key(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None:
+    """The `effective` key of the variant without keep_background: the output it composites."""
+    return effective(pipe, edit, replace(variant, keep_background=False))
+
+
 def produce(
     pipe: DragonPipeline,
     case: Case,
@@ -341,11 +346,14 @@ def produce(
     inversions: dict[int, dict],
     seed: int,
     cell_px: float,
+    made: dict[tuple, EditResult] | None = None,
 ) -> tuple[np.ndarray, float]:
     """The variant's output (H, W, 3) uint8 for the case, and the seconds it spent inverting
     the case's image(s) (0 when an earlier variant did).
 
     inversions: steps → the case's inversions of that many steps (shared by the variants).
+    made: the case's method results by `effective` key (filled here): a keep-background
+    variant whose plain twin is there composites its output instead of sampling again.
     """
     if variant is IDENTITY:
         return case.image, 0.0
@@ -365,6 +373,10 @@ def produce(
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.edit)
         options["weights"] = replace(base, **own_weights(base, variant.weights))
+    if variant.keep_background and made is not None:
+        plain = made.get(twin_key(pipe, case.example.edit, variant))
+        if plain is not None:
+            return np.asarray(plain.with_background_kept().image.convert("RGB")), 0.0
     steps = steps_of(pipe, case.example.edit, variant)
     chosen = pipe.feature_overrides
     if variant.upstream_features:
@@ -374,6 +386,8 @@ def produce(
         done = run_example(pipe, case.example, steps, store, seed, **options)
     finally:
         pipe.feature_overrides = chosen
+    if made is not None:
+        made[effective(pipe, case.example.edit, variant)] = done.result
     return np.asarray(done.result.image.convert("RGB")), done.inversion_seconds or 0.0
 
 
@@ -559,18 +573,26 @@ def run(
             inversions: dict[int, dict] = {}
             outputs = {}
             made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
+            results: dict[tuple, EditResult] = {}  # effective options → the method's result
             for variant in variants:
                 key = effective(pipe, case.example.edit, variant)
                 inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
+                plain = None  # the plain twin of a keep-background variant, if made
+                if variant.keep_background:
+                    source = twin_key(pipe, case.example.edit, variant)
+                    plain = made.get(source) if source in results else None
                 if key in made:  # the same image: its seconds are those of making it
                     twin, seconds = made[key]
                     output, note = outputs[twin], f"  (the output of {twin})"
                 else:
                     began = time.perf_counter()
                     output, inverting = produce(
-                        pipe, case, variant, inversions, settings.seed, cell_px
+                        pipe, case, variant, inversions, settings.seed, cell_px, results
                     )
                     seconds, note = time.perf_counter() - began - inverting, ""
+                    if plain is not None:  # composited on its twin's output: that cost too
+                        seconds += plain[1]
+                        note = f"  (the output of {plain[0]}, background kept)"
                     if key is not None:
                         made[key] = variant.name, seconds
                     if inverting:
