@@ -357,8 +357,9 @@ def run_info(args: argparse.Namespace) -> None:
         f"feature blocks: up_blocks{list(pipe.features.blocks)}{own}; "
         f"memory-bank layers: {len(pipe.bank_layers)}"
     )
-    edits = ("move", "resize", "appearance", "drag", "paste")
-    steps = ", ".join(f"{e} {pipe.edit_defaults.num_steps(e)}" for e in edits)
+    from .bench import EDITS
+
+    steps = ", ".join(f"{e} {pipe.edit_defaults.num_steps(e)}" for e in EDITS)
     print(f"default steps: {steps} ({pipe.edit_defaults.source})")
 
 

@@ -237,6 +237,11 @@ def write_png(image: Image.Image | np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def example_steps(pipe: DragonPipeline, example: Example, steps: int | None) -> int:
+    """The DDIM steps an example runs with: `steps`, else the model's default for its edit."""
+    return pipe.edit_defaults.num_steps(example.edit) if steps is None else steps
+
+
 def run_example(
     pipe: DragonPipeline,
     example: Example,
@@ -254,7 +259,7 @@ def run_example(
     started = time.perf_counter()
     inversion_seconds = None
     given = example.arguments
-    count = pipe.edit_defaults.num_steps(example.edit) if steps is None else steps
+    count = example_steps(pipe, example, steps)
     key = (example.inversion, count)
     if key not in inversions:
         inversions[key] = pipe.invert(
@@ -422,8 +427,7 @@ def demo(
     edits: list[DemoEdit] = []
     inversions: dict[str, Any] = {}
     for n, example in enumerate(chosen, 1):
-        count = pipe.edit_defaults.num_steps(example.edit) if steps is None else steps
-        log(f"[{n}/{len(chosen)}] {example.title} ({count} steps) …")
+        log(f"[{n}/{len(chosen)}] {example.title} ({example_steps(pipe, example, steps)} steps) …")
         edit = run_example(pipe, example, steps, inversions)
         write_files(folder, edit)
         edits.append(edit)

@@ -119,10 +119,6 @@ class EditDefaults:
         """The default number of DDIM steps of `edit` for this model (resize is "move")."""
         return self.steps.get("move" if edit == "resize" else edit, DEFAULT_STEPS)
 
-    def steps_from(self, edit: str) -> str:
-        """Where `num_steps(edit)` comes from, for an edit's record: this file or "default"."""
-        return self.source if ("move" if edit == "resize" else edit) in self.steps else "default"
-
     @classmethod
     def parse(cls, data: object, source: str) -> EditDefaults:
         """Validate a decoded `dragondiffusion.json`; InputError naming the bad entry."""

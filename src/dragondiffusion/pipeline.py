@@ -436,10 +436,11 @@ class DragonPipeline(StableDiffusionPipeline):
         return self.invert(
             image,
             prompt,
-            steps if steps is not None else self.edit_defaults.num_steps(edit),
+            steps,
             options.resolution,
             reference,
             reference_prompt,
+            edit,
         )
 
     # ---- generation branch ------------------------------------------------------------------

@@ -346,13 +346,13 @@ def produce(
     inversions: dict[int, dict],
     seed: int,
     cell_px: float,
-    made: dict[tuple, EditResult] | None = None,
+    results: dict[tuple, EditResult] | None = None,
 ) -> tuple[np.ndarray, float]:
     """The variant's output (H, W, 3) uint8 for the case, and the seconds it spent inverting
     the case's image(s) (0 when an earlier variant did).
 
     inversions: steps → the case's inversions of that many steps (shared by the variants).
-    made: the case's method results by `effective` key (filled here): a keep-background
+    results: the case's method results by `effective` key (filled here): a keep-background
     variant whose plain twin is there composites its output instead of sampling again.
     """
     if variant is IDENTITY:
@@ -373,8 +373,8 @@ def produce(
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.edit)
         options["weights"] = replace(base, **own_weights(base, variant.weights))
-    if variant.keep_background and made is not None:
-        plain = made.get(twin_key(pipe, case.example.edit, variant))
+    if variant.keep_background and results is not None:
+        plain = results.get(twin_key(pipe, case.example.edit, variant))
         if plain is not None:
             return np.asarray(plain.with_background_kept().image.convert("RGB")), 0.0
     steps = steps_of(pipe, case.example.edit, variant)
@@ -386,8 +386,8 @@ def produce(
         done = run_example(pipe, case.example, steps, store, seed, **options)
     finally:
         pipe.feature_overrides = chosen
-    if made is not None:
-        made[effective(pipe, case.example.edit, variant)] = done.result
+    if results is not None:
+        results[effective(pipe, case.example.edit, variant)] = done.result
     return np.asarray(done.result.image.convert("RGB")), done.inversion_seconds or 0.0
 
 
