@@ -35,6 +35,20 @@ def test_overrides_replace_only_the_named_weights(tmp_path):
         ('{"weights": {"paste": {"blend_background": 2}}}', r"blend_background must lie in \[0, 1"),
         ('{"weights": {"move": [1, 2]}}', "object of numbers"),
         ('{"weights": {"move": {"k": 1' + "0" * 400 + "}}}", "finite and ≥ 0"),
+        ("{}", "each optional"),
+        ('{"weights": {}, "layers": [2]}', "each optional"),
+        ('{"feature_blocks": [2]}', "must map edits to decoder block indices"),
+        ('{"feature_blocks": {"rotate": [2]}}', "feature_blocks: unknown edit 'rotate'"),
+        ('{"feature_blocks": {"move": 2}}', "of move must be a non-empty list"),
+        ('{"feature_blocks": {"move": []}}', "non-empty list"),
+        ('{"feature_blocks": {"move": [true]}}', "non-empty list"),
+        ('{"feature_blocks": {"move": [1.5]}}', "non-empty list"),
+        ('{"steps": 20}', "steps must map edits to step counts"),
+        ('{"steps": {"rotate": 20}}', "steps: unknown edit 'rotate'"),
+        ('{"steps": {"drag": 1}}', "steps of drag must be a whole number of at least 2, not 1"),
+        ('{"steps": {"drag": 20.5}}', "whole number"),
+        ('{"steps": {"drag": true}}', "whole number"),
+        ('{"steps": {"drag": "20"}}', "whole number"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path, text, message):
@@ -101,42 +115,6 @@ def test_setting_a_pipelines_defaults_sets_its_feature_blocks_too(tiny_bundle):
     assert pipe.edit_defaults is kept and pipe.features_for("drag").blocks == (2,)
     pipe.edit_defaults = EditDefaults()
     assert pipe.features_for("drag").blocks == (1, 2) and pipe.feature_overrides == {}
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("{}", "each optional"),
-        ('{"weights": {}, "layers": [2]}', "each optional"),
-        ('{"feature_blocks": [2]}', "must map edits to decoder block indices"),
-        ('{"feature_blocks": {"rotate": [2]}}', "feature_blocks: unknown edit 'rotate'"),
-        ('{"feature_blocks": {"move": 2}}', "of move must be a non-empty list"),
-        ('{"feature_blocks": {"move": []}}', "non-empty list"),
-        ('{"feature_blocks": {"move": [true]}}', "non-empty list"),
-        ('{"feature_blocks": {"move": [1.5]}}', "non-empty list"),
-    ],
-)
-def test_bad_feature_blocks_are_clear_errors(tmp_path, text, message):
-    (tmp_path / DEFAULTS_FILE).write_text(text)
-    with pytest.raises(InputError, match=message):
-        EditDefaults.read(tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ('{"steps": 20}', "steps must map edits to step counts"),
-        ('{"steps": {"rotate": 20}}', "steps: unknown edit 'rotate'"),
-        ('{"steps": {"drag": 1}}', "steps of drag must be a whole number of at least 2, not 1"),
-        ('{"steps": {"drag": 20.5}}', "whole number"),
-        ('{"steps": {"drag": true}}', "whole number"),
-        ('{"steps": {"drag": "20"}}', "whole number"),
-    ],
-)
-def test_bad_step_counts_are_clear_errors(tmp_path, text, message):
-    (tmp_path / DEFAULTS_FILE).write_text(text)
-    with pytest.raises(InputError, match=message):
-        EditDefaults.read(tmp_path)
 
 
 def test_step_counts_round_trip_and_default_to_fifty(tmp_path):
