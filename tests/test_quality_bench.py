@@ -542,10 +542,9 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "inversion_seconds")} for r in rows]
 
 
-def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
-    summary = json.loads((cli_run[2] / "quality.json").read_text())
-    again = quality.run(pipe, quality.Settings(model=str(tiny_bundle), **RUN), log=lambda _: None)
-    first, second = without_timings(summary["results"]), without_timings(again.results)
+def assert_same_rows(first: list[dict], second: list[dict]) -> None:
+    """The same rows in the same order, every metric equal (NaN where NaN), times aside."""
+    first, second = without_timings(first), without_timings(second)
     assert len(first) == len(second)
     for a, b in zip(first, second, strict=True):
         assert a.keys() == b.keys()
@@ -554,6 +553,54 @@ def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
                 isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key])
             )
             assert same, (a["edit"], a["case"], a["variant"], key, a[key], b[key])
+
+
+def test_results_are_deterministic(cli_run, pipe, tiny_bundle):
+    summary = json.loads((cli_run[2] / "quality.json").read_text())
+    again = quality.run(pipe, quality.Settings(model=str(tiny_bundle), **RUN), log=lambda _: None)
+    assert_same_rows(summary["results"], again.results)
+
+
+def test_workers_resume_a_run_side_by_side_with_the_same_results(cli_run, tiny_bundle, tmp_path):
+    """--workers 2 continues a run whose second cases are missing: each worker loads the model
+    and runs whole cases; the rows come back in the settings' order, equal to one process's."""
+    import shutil
+
+    whole = json.loads((cli_run[2] / "quality.json").read_text())
+    out = tmp_path / "out"
+    shutil.copytree(cli_run[2], out)
+    partial = dict(whole, status="incomplete")
+    partial["results"] = [r for r in whole["results"] if r["case"] == 1]
+    (out / "quality.json").write_text(json.dumps(partial))
+    settings = quality.Settings(model=str(tiny_bundle), device="cpu", **RUN)
+    lines = []
+    done = quality.quality(
+        settings, out, docs=None, log=lines.append, resume=True, workers=2, threads=1
+    )
+    assert "running 5 case(s) in 2 worker processes, 1 thread(s) each" in lines
+    assert sum("measured by the earlier run" in line for line in lines) == len(EDITS)
+    assert sum(line.startswith("[") and "2/2] scene" in line for line in lines) == len(EDITS)
+    assert_same_rows(whole["results"], done.results)
+    saved = json.loads((out / "quality.json").read_text())
+    assert saved["status"] == "complete"
+    assert_same_rows(whole["results"], saved["results"])
+    assert [case.edit for case, _ in done.examples] == list(EDITS)
+
+
+def test_a_worker_that_loads_other_weights_stops_the_run_with_the_reason(tiny_bundle):
+    from dragondiffusion.bench import workers
+
+    threads = torch.get_num_threads()
+    settings = quality.Settings(model=str(tiny_bundle), device="cpu", **RUN)
+    try:
+        workers._start(settings, "0123456789abcdef", 1)  # as a worker process would
+        with pytest.raises(InputError, match=r"other weights .* than the benchmark measured"):
+            workers._case("move", 1)
+    finally:
+        torch.set_num_threads(threads)
+        workers._worker.clear()
+    with pytest.raises(InputError, match="--workers must be at least 1, got 0"):
+        quality.quality(settings, "unused", docs=None, workers=0)
 
 
 def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(
@@ -667,6 +714,8 @@ def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsy
     assert "pass --resume" in capsys.readouterr().err
     assert main([*base, "--out", str(unfinished), "--resume"]) == 2
     assert "other settings (theirs)" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "new"), "--workers", "0"]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

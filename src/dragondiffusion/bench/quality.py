@@ -76,6 +76,7 @@ from .metrics import (
 )
 from .report import COLUMNS, brief, model_label, section, sheet, summary, table
 from .sections import write_section
+from .workers import check_workers, side_by_side
 
 if TYPE_CHECKING:
     from ..pipeline import DragonPipeline, EditResult
@@ -526,6 +527,70 @@ def earlier_case(
     return [rows[n] for n in names] if all(n in rows for n in names) else None
 
 
+def scene_line(edit: str, k: int, n: int, case: Case) -> str:
+    """The log's heading of a case: "[move 3/50] scene 1000042"."""
+    return f"[{edit} {k}/{n}] scene {', '.join(map(str, case.seeds))}"
+
+
+def case_rows(
+    pipe: DragonPipeline,
+    settings: Settings,
+    variants: list[Variant],
+    edit: str,
+    k: int,
+    case: Case,
+    cell_px: float,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Every variant's row (metrics and seconds) for case `k` of `edit`, and its outputs by
+    variant name. The case's inversions are shared by its variants; a variant that makes the
+    same image as an earlier one (`effective`) takes that output and its seconds."""
+    log(f"{scene_line(edit, k, settings.n, case)}: {case.example.title}")
+    inversions: dict[int, dict] = {}
+    outputs: dict[str, np.ndarray] = {}
+    rows: list[dict[str, Any]] = []
+    made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
+    results: dict[tuple, EditResult] = {}  # effective options → the method's result
+    for variant in variants:
+        key = effective(pipe, case.example.edit, variant)
+        inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
+        plain = None  # the plain twin of a keep-background variant, if made
+        if variant.keep_background:
+            source = twin_key(pipe, case.example.edit, variant)
+            plain = made.get(source) if source in results else None
+        if key in made:  # the same image: its seconds are those of making it
+            twin, seconds = made[key]
+            output, note = outputs[twin], f"  (the output of {twin})"
+        else:
+            began = time.perf_counter()
+            output, inverting = produce(
+                pipe, case, variant, inversions, settings.seed, cell_px, results
+            )
+            seconds, note = time.perf_counter() - began - inverting, ""
+            if plain is not None:  # composited on its twin's output: that cost too
+                seconds += plain[1]
+                note = f"  (the output of {plain[0]}, background kept)"
+            if key is not None:
+                made[key] = variant.name, seconds
+            if inverting:
+                note = f"  (+ {inverting:.1f} s inverting, shared)"
+        metrics = measure(case, output, cell_px)
+        rows.append(
+            {
+                "edit": edit,
+                "case": k,
+                "seeds": list(case.seeds),
+                "variant": variant.name,
+                "seconds": round(seconds, 3),
+                "inversion_seconds": round(inverting, 3),
+                **metrics,
+            }
+        )
+        outputs[variant.name] = output
+        log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}{note}")
+    return rows, outputs
+
+
 def run(
     pipe: DragonPipeline,
     settings: Settings,
@@ -534,6 +599,8 @@ def run(
     earlier: Earlier | None = None,
     folder: Path | None = None,
     stamp: str | None = None,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> QualityRun:
     """Run every case of every edit through every variant and measure it.
 
@@ -542,8 +609,12 @@ def run(
     results). earlier: an unfinished run of the same settings on the same model: its whole cases
     are taken over, not run again. folder: where the first cases' outputs are saved
     (`EXAMPLES`), and read back for cases taken over (None: nothing written). stamp: the
-    model's `fingerprint`, where the caller has taken it already.
+    model's `fingerprint`, where the caller has taken it already. workers: processes that run
+    the cases side by side, each with its own copy of the model and `threads` torch threads
+    (`workers.side_by_side`); 1: the cases run here, one after another, on `pipe`. The rows
+    come back in the same order either way, and are the same for the same threads per process.
     """
+    check_workers(workers)
     size = pipe.native_resolution
     cell_px = cell_pixels(pipe, size)
     result = QualityRun(settings, settings.model or pipe.model_name, str(pipe.device), cell_px)
@@ -555,70 +626,43 @@ def run(
     names = [v.name for v in variants]
     started, before = time.perf_counter(), earlier.seconds if earlier else 0.0
     result.seconds = before
+    pending: dict[tuple[str, int], Case] = {}
     for edit in settings.edits:
         cases = draw_cases(edit, settings.n, settings.seed, size)
         for k, case in enumerate(cases, 1):
-            seeds = ", ".join(map(str, case.seeds))
             rows = earlier_case(earlier, edit, k, case, names)
             examples = None
             if rows is not None:
                 examples = saved_examples(folder, edit, names) if k == 1 else {}
-            if examples is not None:
-                log(f"[{edit} {k}/{len(cases)}] scene {seeds}: measured by the earlier run")
-                result.results += rows
-                if k == 1:
-                    result.examples.append((case, examples))
+            if examples is None:
+                pending[edit, k] = case
                 continue
-            log(f"[{edit} {k}/{len(cases)}] scene {seeds}: {case.example.title}")
-            inversions: dict[int, dict] = {}
-            outputs = {}
-            made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
-            results: dict[tuple, EditResult] = {}  # effective options → the method's result
-            for variant in variants:
-                key = effective(pipe, case.example.edit, variant)
-                inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
-                plain = None  # the plain twin of a keep-background variant, if made
-                if variant.keep_background:
-                    source = twin_key(pipe, case.example.edit, variant)
-                    plain = made.get(source) if source in results else None
-                if key in made:  # the same image: its seconds are those of making it
-                    twin, seconds = made[key]
-                    output, note = outputs[twin], f"  (the output of {twin})"
-                else:
-                    began = time.perf_counter()
-                    output, inverting = produce(
-                        pipe, case, variant, inversions, settings.seed, cell_px, results
-                    )
-                    seconds, note = time.perf_counter() - began - inverting, ""
-                    if plain is not None:  # composited on its twin's output: that cost too
-                        seconds += plain[1]
-                        note = f"  (the output of {plain[0]}, background kept)"
-                    if key is not None:
-                        made[key] = variant.name, seconds
-                    if inverting:
-                        note = f"  (+ {inverting:.1f} s inverting, shared)"
-                metrics = measure(case, output, cell_px)
-                result.results.append(
-                    {
-                        "edit": edit,
-                        "case": k,
-                        "seeds": list(case.seeds),
-                        "variant": variant.name,
-                        "seconds": round(seconds, 3),
-                        "inversion_seconds": round(inverting, 3),
-                        **metrics,
-                    }
-                )
-                outputs[variant.name] = output
-                log(f"    {variant.label:<32}{seconds:7.1f} s   {brief(metrics)}{note}")
+            log(f"{scene_line(edit, k, settings.n, case)}: measured by the earlier run")
+            result.results += rows
             if k == 1:
-                result.examples.append((case, outputs))
-                if folder is not None:
-                    for name, output in outputs.items():
-                        write_png(output, example_path(folder, edit, name))
-            result.seconds = before + time.perf_counter() - started
-            if after_case is not None:
-                after_case(result)
+                result.examples.append((case, examples))
+    if workers > 1 and pending:
+        finished = side_by_side(settings, list(pending), result.fingerprint, workers, threads, log)
+    else:
+        finished = (
+            (edit, k, *case_rows(pipe, settings, variants, edit, k, case, cell_px, log))
+            for (edit, k), case in pending.items()
+        )
+    for edit, k, rows, outputs in finished:
+        result.results += rows
+        if k == 1:
+            result.examples.append((pending[edit, k], outputs))
+            if folder is not None:
+                for name, output in outputs.items():
+                    write_png(output, example_path(folder, edit, name))
+        result.seconds = before + time.perf_counter() - started
+        if after_case is not None:
+            after_case(result)
+    # Cases finish in any order side by side: the rows and examples go back in the settings'.
+    order = {edit: i for i, edit in enumerate(settings.edits)}
+    place = {name: i for i, name in enumerate(names)}
+    result.results.sort(key=lambda r: (order[r["edit"]], r["case"], place[r["variant"]]))
+    result.examples.sort(key=lambda example: order[example[0].edit])
     return result
 
 
@@ -712,6 +756,8 @@ def quality(
     docs: str | Path | None = "docs/benchmarks.md",
     log: Callable[[str], None] = print,
     resume: bool = False,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> QualityRun:
     """Load the model, run the benchmark, print the table and write its files.
 
@@ -720,13 +766,16 @@ def quality(
     markdown file that gets the section `quality:<model>` (None: none). resume: continue the
     unfinished run in `out` (same settings, model weights and device): its finished cases are
     kept, the rest run. Only one benchmark at a time writes to a folder (`folder_lock`).
+    workers, threads: see `run` (a run may be resumed with other workers; keep its threads
+    per process for the same numbers).
     """
+    check_workers(workers)
     folder = prepare_output(out, SUMMARY, "quality benchmark", own=(LOCK,))
     with folder_lock(folder):
         saved = read_earlier(folder, settings, resume)
         if resume and saved is None:
             log(f"--resume: no earlier run in {folder}; starting afresh")
-        return measured(settings, folder, docs, log, saved)
+        return measured(settings, folder, docs, log, saved, workers, threads)
 
 
 def measured(
@@ -735,6 +784,8 @@ def measured(
     docs: str | Path | None,
     log: Callable[[str], None],
     saved: dict[str, Any] | None,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> QualityRun:
     """`quality`'s work once the folder is checked and held."""
     from ..models import default_model, load
@@ -766,6 +817,8 @@ def measured(
         earlier,
         folder,
         stamp,
+        workers,
+        threads,
     )
     text = section(done)
     atomic_write(
