@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 
@@ -81,3 +82,19 @@ def test_unavailable_mps_is_a_clear_error():
         pytest.skip("this machine has MPS")
     with pytest.raises(InputError, match="MPS is not available"):
         pick_device("mps")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="torchvision installed: no fallback"
+)
+def test_loading_prints_no_advice_to_install_torchvision(tiny_bundle):
+    """Without torchvision (as here: the package does not use it), transformers warns, on the
+    first pipeline load of a process, that its image processors fall back to PIL and to install
+    torchvision (measured: both lines gone with `quiet_torchvision_advice`, two without)."""
+    import subprocess
+    import sys
+
+    code = f"from dragondiffusion.models import load; load({str(tiny_bundle)!r}, 'cpu')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr + done.stdout

@@ -574,33 +574,31 @@ def test_workers_resume_a_run_side_by_side_with_the_same_results(cli_run, tiny_b
     (out / "quality.json").write_text(json.dumps(partial))
     settings = quality.Settings(model=str(tiny_bundle), device="cpu", **RUN)
     lines = []
+    threads = torch.get_num_threads()  # that of the one-process run: the same float sums
     done = quality.quality(
-        settings, out, docs=None, log=lines.append, resume=True, workers=2, threads=1
+        settings, out, docs=None, log=lines.append, resume=True, workers=2, threads=threads
     )
-    assert "running 5 case(s) in 2 worker processes, 1 thread(s) each" in lines
+    assert f"running 5 case(s) in 2 worker processes, {threads} thread(s) each" in lines
     assert sum("measured by the earlier run" in line for line in lines) == len(EDITS)
     assert sum(line.startswith("[") and "2/2] scene" in line for line in lines) == len(EDITS)
     assert_same_rows(whole["results"], done.results)
     saved = json.loads((out / "quality.json").read_text())
-    assert saved["status"] == "complete"
+    assert saved["status"] == "complete" and (saved["workers"], saved["threads"]) == (2, threads)
     assert_same_rows(whole["results"], saved["results"])
     assert [case.edit for case, _ in done.examples] == list(EDITS)
 
 
-def test_a_worker_that_loads_other_weights_stops_the_run_with_the_reason(tiny_bundle):
-    from dragondiffusion.bench import workers
-
-    threads = torch.get_num_threads()
+def test_a_worker_that_loads_other_weights_stops_the_run_with_the_reason(pipe, tiny_bundle):
+    """The workers check the model they load against the parent's fingerprint (here a wrong
+    one): the first case's error crosses the pool, names the problem and ends the workers."""
     settings = quality.Settings(model=str(tiny_bundle), device="cpu", **RUN)
-    try:
-        workers._start(settings, "0123456789abcdef", 1)  # as a worker process would
-        with pytest.raises(InputError, match=r"other weights .* than the benchmark measured"):
-            workers._case("move", 1)
-    finally:
-        torch.set_num_threads(threads)
-        workers._worker.clear()
-    with pytest.raises(InputError, match="--workers must be at least 1, got 0"):
-        quality.quality(settings, "unused", docs=None, workers=0)
+    with pytest.raises(
+        InputError,
+        match=r"worker loaded .*, but its weights, edit defaults or package version differ",
+    ):
+        quality.run(pipe, settings, log=lambda _: None, stamp="0123456789abcdef", workers=2)
+    with pytest.raises(InputError, match="--threads must be at least 1, got 0"):
+        quality.run(pipe, settings, workers=2, threads=0)
 
 
 def test_a_run_cut_short_keeps_every_finished_case_in_quality_json(

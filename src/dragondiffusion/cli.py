@@ -208,9 +208,9 @@ def add_bench_parser(sub) -> None:
         "--workers",
         type=int,
         default=1,
-        help="processes that run scenes side by side, each with its own copy of the model and "
-        "--threads threads (default: the cores shared out); 2 with --threads 1 is about 1.4x "
-        "faster than 1 on a 2-core CPU (default 1)",
+        help="processes that run scenes side by side (default 1), each with its own copy of the "
+        "model and --threads torch threads (if not given: one per core, shared out); "
+        "--workers 2 --threads 1 ran 1.4x faster than one process on a 2-core CPU",
     )
     quality.add_argument(
         "--resume",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +28,34 @@ EMBEDDED_NAME = "dragondiffusion/demo_model"
 """The embedded model's name in records and reports (its folder moves with the install)."""
 EMBEDDED_MAX_BYTES = 30_000_000
 """Size budget of the embedded bundle (issue 5)."""
+
+
+TORCHVISION_ADVICE = "ImageProcessor` requires torchvision"
+"""The start of transformers' warning, on loading an SD pipeline without torchvision, that the
+CLIP and SigLIP image processors fall back to PIL: see `quiet_torchvision_advice`."""
+
+
+@contextlib.contextmanager
+def quiet_torchvision_advice() -> Iterator[None]:
+    """Hide, while the block runs, transformers' advice to install torchvision.
+
+    Loading an SD pipeline makes diffusers look up transformers' CLIP and SigLIP image
+    processors; without torchvision, which this package does not use (each torchvision
+    release pins one torch release, and its PyPI build need not import beside the torch in
+    use), transformers warns once per process and class that they fall back to PIL and to
+    install torchvision. The PIL processors do the same work (the IP-Adapter's CLIP
+    preprocessing runs on them): the advice would only mislead.
+    """
+    logger = logging.getLogger("transformers.utils.import_utils")
+
+    def advice_hidden(record: logging.LogRecord) -> bool:
+        return TORCHVISION_ADVICE not in record.getMessage()
+
+    logger.addFilter(advice_hidden)
+    try:
+        yield
+    finally:
+        logger.removeFilter(advice_hidden)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -95,7 +126,8 @@ def load(
     `model=None` loads the embedded demo model. The device defaults to cuda > mps > cpu and the
     dtype to float16 on CUDA, float32 elsewhere.
     """
-    from .pipeline import DragonPipeline
+    with quiet_torchvision_advice():  # importing diffusers' SD pipeline looks them up
+        from .pipeline import DragonPipeline
 
     name = default_model() if model is None else os.fspath(model)
     torch_device = pick_device(device)
@@ -107,9 +139,10 @@ def load(
         defaults = EditDefaults.read(local)
         name = str(local)
     try:
-        pipe = DragonPipeline.from_pretrained(
-            name, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-        )
+        with quiet_torchvision_advice():
+            pipe = DragonPipeline.from_pretrained(
+                name, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            )
     except (OSError, ValueError) as err:
         if isinstance(err, InputError):
             raise

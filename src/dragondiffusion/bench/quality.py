@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .. import __version__
@@ -76,7 +77,7 @@ from .metrics import (
 )
 from .report import COLUMNS, brief, model_label, section, sheet, summary, table
 from .sections import write_section
-from .workers import check_workers, side_by_side
+from .workers import check_workers, side_by_side, threads_each
 
 if TYPE_CHECKING:
     from ..pipeline import DragonPipeline, EditResult
@@ -435,6 +436,8 @@ class Earlier:
 
     results: list[dict[str, Any]]
     seconds: float
+    threads: int | None = None
+    """Torch threads per process it ran with (None: not recorded)."""
 
 
 def fingerprint(pipe: DragonPipeline) -> str:
@@ -480,6 +483,10 @@ class QualityRun:
     """The model's weights' `fingerprint` ("" where not taken)."""
     steps: dict[str, int] = field(default_factory=dict)
     """edit → the DDIM steps of its method rows (--steps, else the model's default)."""
+    workers: int = 1
+    """Processes that ran the cases (the last session's, where resumed)."""
+    threads: int = 0
+    """Torch threads of each of them (0: not started)."""
 
     def steps_text(self) -> str:
         """ "50 steps", or each edit's where they differ ("steps: move 50, drag 20")."""
@@ -610,11 +617,12 @@ def run(
     are taken over, not run again. folder: where the first cases' outputs are saved
     (`EXAMPLES`), and read back for cases taken over (None: nothing written). stamp: the
     model's `fingerprint`, where the caller has taken it already. workers: processes that run
-    the cases side by side, each with its own copy of the model and `threads` torch threads
-    (`workers.side_by_side`); 1: the cases run here, one after another, on `pipe`. The rows
-    come back in the same order either way, and are the same for the same threads per process.
+    the cases side by side, each loading `settings.model` (the model `pipe` came from) and
+    using `threads` torch threads (`workers.side_by_side`); 1: the cases run here, one after
+    another, on `pipe` (`threads` unused: the caller's torch setting holds). The rows come back
+    in the same order either way, and are the same for the same threads per process.
     """
-    check_workers(workers)
+    check_workers(workers, threads)
     size = pipe.native_resolution
     cell_px = cell_pixels(pipe, size)
     result = QualityRun(settings, settings.model or pipe.model_name, str(pipe.device), cell_px)
@@ -626,38 +634,52 @@ def run(
     names = [v.name for v in variants]
     started, before = time.perf_counter(), earlier.seconds if earlier else 0.0
     result.seconds = before
-    pending: dict[tuple[str, int], Case] = {}
+    pending: list[tuple[str, int, Case]] = []
+    firsts: dict[str, Case] = {}  # edit → its first case, for the contact sheet
     for edit in settings.edits:
         cases = draw_cases(edit, settings.n, settings.seed, size)
+        firsts[edit] = cases[0]
         for k, case in enumerate(cases, 1):
             rows = earlier_case(earlier, edit, k, case, names)
             examples = None
             if rows is not None:
                 examples = saved_examples(folder, edit, names) if k == 1 else {}
             if examples is None:
-                pending[edit, k] = case
+                pending.append((edit, k, case))
                 continue
             log(f"{scene_line(edit, k, settings.n, case)}: measured by the earlier run")
             result.results += rows
             if k == 1:
                 result.examples.append((case, examples))
+    result.threads = torch.get_num_threads()
     if workers > 1 and pending:
-        finished = side_by_side(settings, list(pending), result.fingerprint, workers, threads, log)
+        result.workers = min(workers, len(pending))
+        result.threads = threads_each(result.workers, threads)
+    if earlier is not None and earlier.threads not in (None, result.threads):
+        log(
+            f"note: the earlier run used {earlier.threads} torch thread(s) per process, this one "
+            f"{result.threads}: a few means may differ in their last digit from one run's"
+        )
+    if result.workers > 1:
+        finished = side_by_side(
+            pending, settings, cell_px, result.fingerprint, workers, threads, log
+        )
     else:
         finished = (
             (edit, k, *case_rows(pipe, settings, variants, edit, k, case, cell_px, log))
-            for (edit, k), case in pending.items()
+            for edit, k, case in pending
         )
-    for edit, k, rows, outputs in finished:
-        result.results += rows
-        if k == 1:
-            result.examples.append((pending[edit, k], outputs))
-            if folder is not None:
-                for name, output in outputs.items():
-                    write_png(output, example_path(folder, edit, name))
-        result.seconds = before + time.perf_counter() - started
-        if after_case is not None:
-            after_case(result)
+    with contextlib.closing(finished):  # an error here ends the workers too
+        for edit, k, rows, outputs in finished:
+            result.results += rows
+            if k == 1:
+                result.examples.append((firsts[edit], outputs))
+                if folder is not None:
+                    for name, output in outputs.items():
+                        write_png(output, example_path(folder, edit, name))
+            result.seconds = before + time.perf_counter() - started
+            if after_case is not None:
+                after_case(result)
     # Cases finish in any order side by side: the rows and examples go back in the settings'.
     order = {edit: i for i, edit in enumerate(settings.edits)}
     place = {name: i for i, name in enumerate(names)}
@@ -704,7 +726,7 @@ def resumable(saved: dict[str, Any], pipe: DragonPipeline, stamp: str, folder: P
             f"{pipe.device}; continue it on a machine where it picks the same device, or give "
             "another --out"
         )
-    return Earlier(saved["results"], float(saved.get("seconds", 0.0)))
+    return Earlier(saved["results"], float(saved.get("seconds", 0.0)), saved.get("threads"))
 
 
 LOCK = ".running"
@@ -769,7 +791,7 @@ def quality(
     workers, threads: see `run` (a run may be resumed with other workers; keep its threads
     per process for the same numbers).
     """
-    check_workers(workers)
+    check_workers(workers, threads)
     folder = prepare_output(out, SUMMARY, "quality benchmark", own=(LOCK,))
     with folder_lock(folder):
         saved = read_earlier(folder, settings, resume)

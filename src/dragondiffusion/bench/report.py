@@ -150,6 +150,8 @@ def summary(run: QualityRun, status: str) -> str:
             "fingerprint": run.fingerprint,
             "steps": run.steps,
             "seconds": round(run.seconds, 3),
+            "workers": run.workers,
+            "threads": run.threads,
             "table": summarise(run),
             "results": run.results,
         },

@@ -3,117 +3,159 @@
 A small model on a CPU uses its cores poorly from one process (its layers are too small to
 split well between threads): on 2 cores, the embedded model's benchmark ran 4 move scenes × 3
 method rows in 91 s of cases with two workers of one thread against 127 s in one process of two
-threads (108 against 140 s with the start). Each worker loads the model once and runs whole
-cases (every variant of a scene, so the scene's inversions are still shared); the parent
-gathers their rows as they finish. A worker checks that it loaded the very weights the parent
-measured (`quality.fingerprint`), so the rows of one table never come from two models.
+threads (108 against 140 s with the start). Each worker loads the model once (from
+`Settings.model`, as the parent did) and runs whole cases (every variant of a scene, so the
+scene's inversions are still shared); the parent sends the drawn cases and gathers their rows as
+they finish. A worker checks that it loaded the model the parent measured
+(`quality.fingerprint`), so the rows of one table never come from two models.
 
-The rows are those of one process with the same torch threads per process. Another thread
-count sums floats in another order: the same 4 scenes at two threads against one differed in
-the last digit of a few means (background 34.9 against 35.0 dB), so resume a run with the
-threads it started with.
+The rows are those of one process with the same torch threads. Another thread count sums floats
+in another order: the same 4 scenes at two threads against one differed in the last digit of a
+few means (background 34.9 against 35.0 dB), so resume a run with the threads it ran with
+(quality.json records them).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from .cases import Case
     from .quality import Settings
 
 Finished = tuple[str, int, list[dict[str, Any]], dict[str, "np.ndarray"]]
-"""edit, case number, its rows, its outputs by variant (only for case 1: the contact sheet)."""
+"""edit, case number, its rows, and its outputs by variant name (workers send them back for
+case 1 only: all the contact sheet uses)."""
 
 _worker: dict[str, Any] = {}
-"""The worker process's model, settings and drawn cases (set up once by `_start`)."""
+"""The worker process's model and what every case needs (set up once by `_start`)."""
 
 
-def check_workers(workers: int) -> None:
+def check_workers(workers: int, threads: int | None = None) -> None:
+    """InputError unless `workers` and `threads` (None: the default) are at least 1."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
 
 
 def threads_each(workers: int, threads: int | None) -> int:
-    """Torch threads per worker: `threads` where given, else the cores shared out."""
-    return threads if threads is not None else max(1, (os.cpu_count() or 1) // workers)
+    """Torch threads per worker: `threads` where given, else this process's shared out."""
+    return threads if threads is not None else max(1, torch.get_num_threads() // workers)
 
 
-def _start(settings: Settings, stamp: str, threads: int) -> None:
+def _exit_with_parent() -> None:
+    """End this worker when the benchmark's process ends, however it ends (a parent killed
+    outright cannot stop its workers, which would otherwise wait for work for ever)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()
+        os._exit(1)
+
+
+def _start(settings: Settings, cell_px: float, stamp: str, threads: int) -> None:
     """Worker set-up: load the model once. A failure is kept and raised by the first case (an
-    error here would only break the pool, without its message)."""
-    import torch
-
-    from ..models import default_model, load
-    from .quality import fingerprint
-
-    torch.set_num_threads(threads)
-    _worker.update(settings=settings, cases={})
+    error here would only break the pool, without its message). The variants are made here,
+    not sent: `quality.produce` knows the identity, exact, VAE and baseline rows by identity."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    _worker.update(settings=settings, variants=settings.variants(), cell_px=cell_px)
     try:
+        from ..models import default_model, load
+        from .quality import fingerprint
+
+        torch.set_num_threads(threads)
         name = default_model() if settings.model is None else settings.model
         pipe = load(name, settings.device, settings.dtype)
         pipe.set_progress_bar_config(disable=True)
         if fingerprint(pipe) != stamp:
             raise InputError(
-                f"a benchmark worker loaded other weights from {name} than the benchmark "
-                "measured (did the model change on disk?); run it again"
+                f"a benchmark worker loaded {name}, but its weights, edit defaults or package "
+                "version differ from the model the benchmark measured (did it change on "
+                "disk?); run the benchmark again"
             )
         _worker["pipe"] = pipe
     except Exception as err:  # raised by `_case`, with its message
         _worker["error"] = err
 
 
-def _case(edit: str, k: int) -> tuple[Finished, list[str]]:
+def _case(edit: str, k: int, case: Case) -> tuple[Finished, list[str]]:
     """Run case `k` of `edit` in this worker: its rows, its outputs (case 1 only) and log."""
-    from .cases import draw_cases
-    from .quality import case_rows, cell_pixels
+    from .quality import case_rows, scene_line
 
     if "error" in _worker:
         raise _worker["error"]
-    pipe, settings = _worker["pipe"], _worker["settings"]
-    size = pipe.native_resolution
-    if edit not in _worker["cases"]:
-        _worker["cases"][edit] = draw_cases(edit, settings.n, settings.seed, size)
-    case = _worker["cases"][edit][k - 1]
-    lines: list[str] = []
-    variants = settings.variants()
-    rows, outputs = case_rows(
-        pipe, settings, variants, edit, k, case, cell_pixels(pipe, size), lines.append
-    )
+    settings, lines = _worker["settings"], []
+    try:
+        rows, outputs = case_rows(
+            _worker["pipe"], settings, _worker["variants"], edit, k, case, _worker["cell_px"],
+            lines.append,
+        )  # fmt: skip
+    except InputError as err:  # say which scene, as the one-process run's log would
+        raise InputError(f"{scene_line(edit, k, settings.n, case)}: {err}") from None
     return (edit, k, rows, outputs if k == 1 else {}), lines
 
 
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now, mid-case or not (after an error or Ctrl-C nothing they make
+    is kept, and a case can take minutes)."""
+    processes = list(getattr(pool, "_processes", {}).values())  # no public way before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+
+
 def side_by_side(
+    pending: list[tuple[str, int, Case]],
     settings: Settings,
-    pending: list[tuple[str, int]],
+    cell_px: float,
     stamp: str,
     workers: int,
     threads: int | None,
     log: Callable[[str], None],
 ) -> Iterator[Finished]:
-    """Run the `pending` (edit, case number) pairs in `workers` processes; yield each case as it
-    finishes (in any order), after logging its lines. `stamp`: the parent's model fingerprint.
-    A worker's error stops the run (the cases already yielded stay the caller's)."""
+    """Run the `pending` (edit, case number, case) in up to `workers` processes (no more than
+    the cases), each with `threads` torch threads (None: `threads_each`); yield each case as it
+    finishes, in any order, after logging its lines. stamp: the parent's model `fingerprint`.
+    A worker's error, Ctrl-C or the caller closing the generator ends every worker at once;
+    the cases already yielded stay the caller's."""
+    workers = min(workers, len(pending))
     each = threads_each(workers, threads)
     log(f"running {len(pending)} case(s) in {workers} worker processes, {each} thread(s) each")
     # spawn, not fork: a forked copy of a process whose torch threads have started can hang.
-    context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start, initargs=(settings, stamp, each)
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start,
+        initargs=(settings, cell_px, stamp, each),
     )
+    ended = False
     try:
-        futures = [pool.submit(_case, edit, k) for edit, k in pending]
-        for future in as_completed(futures):
-            finished, lines = future.result()
-            for line in lines:
-                log(line)
-            yield finished
+        running: set[Future] = {pool.submit(_case, *item) for item in pending}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished, lines = future.result()
+                for line in lines:
+                    log(line)
+                yield finished
+        ended = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if ended:
+            pool.shutdown()
+        else:
+            _stop(pool)
