@@ -163,3 +163,19 @@ def test_cli_appearance_drag_paste(files, tiny_bundle, edit, extra, expected):
     assert {k: rec[k] for k in expected} == expected
     with PIL.Image.open(out) as im:
         assert im.size == (160, 96)
+
+
+def test_ctrl_c_is_a_message_and_exit_code_130(monkeypatch, capsys):
+    from dragondiffusion import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_info", interrupted)
+    monkeypatch.setattr(cli, "run_bench", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "dragondiffusion: interrupted\n"
+    assert main(["bench", "quality"]) == 130
+    assert "interrupted (finished scenes are kept: run it again with --resume)" in (
+        capsys.readouterr().err
+    )

@@ -396,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"dragondiffusion: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a message, not a traceback from wherever it landed
+        kept = " (finished scenes are kept: run it again with --resume)"
+        print(
+            f"dragondiffusion: interrupted{kept if args.command == 'bench' else ''}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
