@@ -10,9 +10,9 @@ they finish. A worker checks that it loaded the model the parent measured
 (`quality.fingerprint`), so the rows of one table never come from two models.
 
 The rows are those of one process with the same torch threads. Another thread count sums floats
-in another order: the same 4 scenes at two threads against one differed in the last digit of a
-few means (background 34.9 against 35.0 dB), so resume a run with the threads it ran with
-(quality.json records them).
+in another order: the same 4 scenes at two threads against one gave means about 1e-5 of their
+value apart, two of them printed on either side of a rounding edge (background 34.9 against
+35.0 dB), so resume a run with the threads it ran with (quality.json records them).
 """
 
 from __future__ import annotations
