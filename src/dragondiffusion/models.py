@@ -126,9 +126,6 @@ def load(
     `model=None` loads the embedded demo model. The device defaults to cuda > mps > cpu and the
     dtype to float16 on CUDA, float32 elsewhere.
     """
-    with quiet_torchvision_advice():  # importing diffusers' SD pipeline looks them up
-        from .pipeline import DragonPipeline
-
     name = default_model() if model is None else os.fspath(model)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
@@ -139,7 +136,9 @@ def load(
         defaults = EditDefaults.read(local)
         name = str(local)
     try:
-        with quiet_torchvision_advice():
+        with quiet_torchvision_advice():  # importing and loading SD's pipeline looks them up
+            from .pipeline import DragonPipeline
+
             pipe = DragonPipeline.from_pretrained(
                 name, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
             )

@@ -651,23 +651,22 @@ def run(
             result.results += rows
             if k == 1:
                 result.examples.append((case, examples))
-    result.threads = torch.get_num_threads()
     if workers > 1 and pending:
-        result.workers = min(workers, len(pending))
+        result.workers = min(workers, len(pending))  # a worker per case at most
         result.threads = threads_each(result.workers, threads)
+        finished = side_by_side(
+            pending, settings, cell_px, result.fingerprint, result.workers, result.threads, log
+        )
+    else:
+        result.threads = torch.get_num_threads()
+        finished = (
+            (edit, k, *case_rows(pipe, settings, variants, edit, k, case, cell_px, log))
+            for edit, k, case in pending
+        )
     if earlier is not None and earlier.threads not in (None, result.threads):
         log(
             f"note: the earlier run used {earlier.threads} torch thread(s) per process, this one "
             f"{result.threads}: a few means may differ in their last digit from one run's"
-        )
-    if result.workers > 1:
-        finished = side_by_side(
-            pending, settings, cell_px, result.fingerprint, workers, threads, log
-        )
-    else:
-        finished = (
-            (edit, k, *case_rows(pipe, settings, variants, edit, k, case, cell_px, log))
-            for edit, k, case in pending
         )
     with contextlib.closing(finished):  # an error here ends the workers too
         for edit, k, rows, outputs in finished:

@@ -125,23 +125,20 @@ def side_by_side(
     cell_px: float,
     stamp: str,
     workers: int,
-    threads: int | None,
+    threads: int,
     log: Callable[[str], None],
 ) -> Iterator[Finished]:
-    """Run the `pending` (edit, case number, case) in up to `workers` processes (no more than
-    the cases), each with `threads` torch threads (None: `threads_each`); yield each case as it
-    finishes, in any order, after logging its lines. stamp: the parent's model `fingerprint`.
-    A worker's error, Ctrl-C or the caller closing the generator ends every worker at once;
-    the cases already yielded stay the caller's."""
-    workers = min(workers, len(pending))
-    each = threads_each(workers, threads)
-    log(f"running {len(pending)} case(s) in {workers} worker processes, {each} thread(s) each")
+    """Run the `pending` (edit, case number, case) in `workers` processes, each with `threads`
+    torch threads; yield each case as it finishes, in any order, after logging its lines.
+    stamp: the parent's model `fingerprint`. A worker's error, Ctrl-C or the caller closing the
+    generator ends every worker at once; the cases already yielded stay the caller's."""
+    log(f"running {len(pending)} case(s) in {workers} worker processes, {threads} thread(s) each")
     # spawn, not fork: a forked copy of a process whose torch threads have started can hang.
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start,
-        initargs=(settings, cell_px, stamp, each),
+        initargs=(settings, cell_px, stamp, threads),
     )
     ended = False
     try:
