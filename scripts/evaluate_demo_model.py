@@ -1,13 +1,14 @@
 """Measure the demo model and write docs/demo-model.md with its figures under docs/images/.
 
     python scripts/evaluate_demo_model.py [--model FOLDER] [--out docs] [--threads 2]
-        [--photo-resolution 288]
+        [--photo-resolution N]  (default: the photo's own area)
 
 Default model: the embedded one (src/dragondiffusion/demo_model). Held-out data: procedural
 scenes with seeds below the training script's TRAIN_SEED_FLOOR and the scikit-image photos it
 keeps out of training (needs scikit-image: pip install -e ".[bench]"); on the `coffee` photo
 the cup and saucer are also moved at the photo's own size. What is measured is described in
-`dragondiffusion.model_report`. About 5 minutes on 2 CPU cores at 128×128, plus the photo move.
+`dragondiffusion.model_report`. About 5 minutes on 2 CPU cores at 128×128, plus the photo move
+(about 2.5 minutes at 576×384).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         "--photo-resolution",
         type=int,
         default=PHOTO_MOVE_RESOLUTION,
-        help="working resolution of the held-out photo move, area ≈ N² "
-        f"(default {PHOTO_MOVE_RESOLUTION}: 384×256 for the 600×400 coffee photo)",
+        help="working resolution of the held-out photo move, area ≈ N² (default: the "
+        "photo's own area: 576×384 for the 600×400 coffee photo; 288 gives 384×256)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.photo_resolution <= 0:
+    if args.photo_resolution is not None and args.photo_resolution <= 0:
         parser.error("--photo-resolution must be a positive number of pixels, e.g. 288")
     if args.scenes > TRAIN_SEED_FLOOR:
         parser.error(f"--scenes must stay below {TRAIN_SEED_FLOOR} (training seeds start there)")

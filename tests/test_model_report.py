@@ -22,16 +22,22 @@ from dragondiffusion.model_report import (
     PhotoMove,
     PhotoMoveResult,
     best_matches,
+    best_shape,
     centroid,
     correspondence_errors,
     cosines,
     dilate,
+    dominant_object_colour,
     inversion_round_trip,
+    largest_component,
     masked_psnr,
     mean_correspondence,
     measure,
     move_measures,
     moved_places,
+    named_colours,
+    named_shapes,
+    named_share,
     photo_move,
     photo_move_figure,
     photo_move_section,
@@ -209,6 +215,10 @@ def test_measure_and_write_report(pipe, tmp_path):
         "up_blocks[1]+up_blocks[2]": 16,
     }
     assert report.photo_move is not None and report.photo_move.size == (140, 90)
+    assert set(report.named_colours) == set(scenes.OBJECT_COLOURS)
+    assert all(len(found) == 1 for found in report.named_colours.values())
+    assert list(report.named_shapes) == list(scenes.SHAPE_CLASSES)
+    assert all(len(found) == 1 for found in report.named_shapes.values())
     assert report.photo_move.shift == (30, 5) and report.photo_move.steps == 2
     # The tiny model's decoder self-attention runs on 4×4, 8×8 and 16×16 tokens.
     assert list(report.attention_entropy[261]) == ["4×4", "8×8", "16×16"]
@@ -333,8 +343,8 @@ def test_move_measures_find_a_known_shift_of_the_coffee_photo(coffee):
 
 
 def test_photo_move_runs_at_the_photos_own_size(pipe, coffee):
-    numbers, edited = photo_move(pipe, coffee, COFFEE_MOVE, resolution=288, steps=3)
-    assert edited.size == coffee.size == numbers.size == (600, 400)
+    numbers, edited, kept = photo_move(pipe, coffee, COFFEE_MOVE, resolution=288, steps=3)
+    assert edited.size == kept.size == coffee.size == numbers.size == (600, 400)
     assert numbers.working_size == (384, 256)  # the photo's 3:2 at area ≈ 288²
     assert numbers.shift == (80.0, 0.0) and numbers.steps == 3
     before, after = numbers.object_pixels
@@ -343,6 +353,20 @@ def test_photo_move_runs_at_the_photos_own_size(pipe, coffee):
     assert np.isfinite(numbers.background_psnr) and numbers.background_psnr > 0
     assert np.isfinite(numbers.resampling_psnr) and numbers.resampling_psnr > 0
     assert all(np.isfinite(numbers.moved)) or after == 0  # random weights may leave no glaze
+    # Keeping the background puts the photo's own pixels back beyond a seam band of two latent
+    # cells (16 px of the 384×256 working size, about 25 px of the photo), past the 16-px margin
+    # only in part: much closer than the random model's re-synthesis, not exact.
+    assert numbers.kept_background_psnr > numbers.background_psnr + 10, numbers
+    whole = polygon_mask(coffee.size, COFFEE_CUP) | shift_mask(
+        polygon_mask(coffee.size, COFFEE_CUP), (80, 0)
+    )
+    far = ~dilate(whole, 40)  # beyond the seam band: the photo's own pixels, exactly
+    assert (np.asarray(kept)[far] == np.asarray(coffee.convert("RGB"))[far]).all()
+
+
+def test_photo_move_at_its_own_size_by_default(pipe, coffee):
+    numbers, _, _ = photo_move(pipe, coffee, COFFEE_MOVE, steps=2)
+    assert numbers.working_size == (576, 384)  # area ≈ 600×400's, sides multiples of 64
 
 
 def test_photo_move_rejects_bad_input(pipe, coffee):
@@ -380,6 +404,8 @@ def test_photo_move_section_reports_the_numbers():
         background_share=0.25,
         margin=16,
         seconds=95.0,
+        kept_moved=(78.04, -1.0),
+        kept_background_psnr=47.26,
     )
     text = "\n".join(photo_move_section(result, "images/demo-model-photo-move.png"))
     assert text.startswith("## Moving an object in a held-out photo")
@@ -387,4 +413,58 @@ def test_photo_move_section_reports_the_numbers():
     assert "| object shift asked, x / y | +80.0 px / +0.0 px |" in text
     assert "| object shift measured (centroid of the cup's red glaze), x / y | not found" in text
     assert "| 0 / 56885 (0%) |" in text and "21.0 dB" in text and "29.8 dB" in text
+    assert "(41% of the photo's area" in text
+    assert (
+        "| with `keep_background=True`: object shift measured, x / y | +78.0 px / -1.0 px |" in text
+    )
+    assert "| with `keep_background=True`: background PSNR | 47.3 dB |" in text
     assert "![photo-move](images/demo-model-photo-move.png)" in text
+
+
+def test_dominant_object_colour_is_the_nearest_object_colour_with_most_pixels():
+    floor = np.full((64, 64, 3), scenes.BACKGROUND_COLOURS["grey"], np.uint8)
+    assert dominant_object_colour(PIL.Image.fromarray(floor)) == ""  # only background
+    drawn = floor.copy()
+    drawn[10:30, 10:30] = (200, 50, 45)  # nearest red
+    drawn[40:46, 40:46] = (35, 85, 200)  # nearest blue, fewer pixels
+    assert dominant_object_colour(PIL.Image.fromarray(drawn)) == "red"
+    drawn[35:60, 35:60] = (35, 85, 200)
+    assert dominant_object_colour(PIL.Image.fromarray(drawn)) == "blue"
+
+
+def test_named_colours_samples_each_caption_and_scores_the_share(pipe):
+    found = named_colours(pipe, colours=("red", "blue"), seeds=(0, 1), steps=2)
+    assert list(found) == ["red", "blue"] and all(len(v) == 2 for v in found.values())
+    names = set(scenes.OBJECT_COLOURS) | {""}
+    assert all(name in names for v in found.values() for name in v)
+    assert named_share({"red": ["red", "blue"], "blue": ["blue", ""]}) == 0.5
+    with pytest.raises(InputError, match="unknown object colour mauve"):
+        named_colours(pipe, colours=("mauve",))
+
+
+def test_best_shape_names_the_class_of_every_rendered_object():
+    for seed in range(40):  # the 40 of docs/demo-model.md
+        scene = scenes.random_scene(seed, 128, n_objects=1)
+        _, masks = scenes.render(scene)
+        kind, iou = best_shape(masks[0])
+        assert kind == scene.objects[0].shape.kind, (seed, kind, iou)
+        assert 0.5 < iou <= 1.0
+    assert best_shape(np.zeros((32, 32), bool)) == ("", 0.0)
+
+
+def test_largest_component_keeps_the_biggest_8_connected_region():
+    mask = np.zeros((20, 20), bool)
+    mask[2:5, 2:5] = True  # 9 pixels
+    mask[10:14, 10:14] = True  # 16 pixels
+    mask[14, 14] = True  # touches the second only by a corner: 8-connected, 17
+    largest = largest_component(mask)
+    assert largest.sum() == 17 and largest[14, 14] and not largest[3, 3]
+    assert not largest_component(np.zeros((5, 5), bool)).any()
+
+
+def test_named_shapes_samples_each_caption(pipe):
+    found = named_shapes(pipe, shapes=("circle", "ring"), seeds=(0,), steps=2)
+    assert list(found) == ["circle", "ring"] and all(len(v) == 1 for v in found.values())
+    assert all(n in (*scenes.SHAPE_CLASSES, "") for v in found.values() for n in v)
+    with pytest.raises(InputError, match="unknown shape class blob"):
+        named_shapes(pipe, shapes=("blob",))

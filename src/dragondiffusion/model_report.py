@@ -5,7 +5,9 @@
 - DDIM inversion → reconstruction PSNR: `pipe.invert`, then deterministic DDIM back from z_T with
   the conditional prompt, no CFG and no guidance; once plain and once with the memory bank
   replacing the decoder self-attention K/V at every step (what the edits do outside the edit).
-- Text-to-image samples for a few captions.
+- Text-to-image samples for a few captions, and for one-object captions naming each object
+  colour, whether the samples' dominant object colour is the named one (`named_colours`); for
+  one naming each shape class, which class's outline best fits the red region (`named_shapes`).
 - Decoder-feature correspondence: a scene and the same scene with every object moved by a known
   offset; for each object cell of the first, the arg-max-cosine cell of the second; the mean
   distance to the true cell, per feature block, in that block's own cells. The blocks are
@@ -17,7 +19,7 @@
   features come from the inversion's trajectory, and sampling starts from its z_T).
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
-  against the shift asked for.
+  against the shift asked for; the same with `keep_background`.
 """
 
 from __future__ import annotations
@@ -137,6 +139,147 @@ def text_to_image(
         ]
         for caption in captions
     ]
+
+
+COLOUR_CAPTION = "a {colour} circle on a grey floor"
+"""The one-object caption of the named-colour check; the grey floor is far from every object
+colour but white and black, which stay far from grey."""
+
+
+def dominant_object_colour(image: PIL.Image.Image) -> str:
+    """The object colour (scenes.OBJECT_COLOURS) most pixels of the image are nearest to, where
+    the palette also holds the background colours (scenes.BACKGROUND_COLOURS), whose pixels do
+    not count; "" when every pixel is nearest a background colour."""
+    names = list(scenes.OBJECT_COLOURS)
+    palette = np.array([*scenes.OBJECT_COLOURS.values(), *scenes.BACKGROUND_COLOURS.values()])
+    pixels = as_array(image).reshape(-1, 3).astype(np.float32)
+    nearest = ((pixels[:, None, :] - palette[None].astype(np.float32)) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(palette))[: len(names)]
+    return names[int(counts.argmax())] if counts.any() else ""
+
+
+def named_colours(
+    pipe,
+    colours: Sequence[str] = tuple(scenes.OBJECT_COLOURS),
+    seeds: Sequence[int] = (0, 1),
+    steps: int = 20,
+    guidance_scale: float = 4.0,
+) -> dict[str, list[str]]:
+    """For each colour, the dominant object colour of text-to-image samples of COLOUR_CAPTION
+    naming it, one per seed: whether the samples show the colour they are asked for."""
+    unknown = [c for c in colours if c not in scenes.OBJECT_COLOURS]
+    if unknown:
+        raise InputError(
+            f"unknown object colour {', '.join(unknown)}; use {', '.join(scenes.OBJECT_COLOURS)}"
+        )
+    captions = [COLOUR_CAPTION.format(colour=c) for c in colours]
+    rows = text_to_image(pipe, captions, seeds, steps, guidance_scale)
+    return {
+        c: [dominant_object_colour(im) for im in row] for c, row in zip(colours, rows, strict=True)
+    }
+
+
+def named_share(found: dict[str, list[str]]) -> float:
+    """The share of samples whose found colour (or shape) is the one their caption names."""
+    hits = [name == named for named, names in found.items() for name in names]
+    return sum(hits) / len(hits) if hits else math.nan
+
+
+SHAPE_CAPTION = "a red {shape} on a grey floor"
+"""The one-object caption of the named-shape check."""
+SHAPE_ANGLES = 24
+"""Rotations (every 15°) a shape template is tried at."""
+
+
+def nearest_colour_mask(image: PIL.Image.Image, colour: str) -> np.ndarray:
+    """(H, W) bool: pixels nearest `colour` among the object and background colours."""
+    names = list(scenes.OBJECT_COLOURS)
+    palette = np.array([*scenes.OBJECT_COLOURS.values(), *scenes.BACKGROUND_COLOURS.values()])
+    pixels = as_array(image).astype(np.float32)
+    distances = ((pixels[..., None, :] - palette.astype(np.float32)) ** 2).sum(-1)
+    return distances.argmin(-1) == names.index(colour)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a (H, W) bool mask (all False when it is empty)."""
+    if not mask.any():
+        return mask.copy()
+    inside = torch.from_numpy(mask)[None, None]
+    ids = torch.arange(1, mask.size + 1, dtype=torch.float32).reshape(inside.shape) * inside
+    while True:  # every pixel takes the largest id of its 3×3 neighbourhood inside the mask
+        grown = F.max_pool2d(ids, 3, stride=1, padding=1) * inside
+        if torch.equal(grown, ids):
+            break
+        ids = grown
+    labels, counts = torch.unique(ids[inside], return_counts=True)
+    return (ids[0, 0] == labels[counts.argmax()]).numpy()
+
+
+def _unit_area(kind: str, samples: int = 401) -> float:
+    """Area of shape `kind` in its own frame (units of its size)."""
+    u, v = np.meshgrid(np.linspace(-1.2, 1.2, samples), np.linspace(-1.2, 1.2, samples))
+    return float(scenes.inside_shape(kind, u, v).mean() * 2.4**2)
+
+
+def shape_template(
+    kind: str, grid: tuple[np.ndarray, np.ndarray], centre: Point, size: float, turn: float
+) -> np.ndarray:
+    """(H, W) bool: shape `kind` of radius `size` px, its frame's origin at `centre`, turned by
+    `turn` radians, over the pixel centres `grid` (x, y)."""
+    c, s = math.cos(turn), math.sin(turn)
+    dx, dy = grid[0] - centre[0], grid[1] - centre[1]
+    return scenes.inside_shape(kind, (c * dx + s * dy) / size, (c * dy - s * dx) / size)
+
+
+def best_shape(mask: np.ndarray, angles: int = SHAPE_ANGLES) -> tuple[str, float]:
+    """The shape class whose template best overlaps the mask, and that overlap (IoU): each
+    template has the mask's area, its centroid on the mask's, at the best of `angles`
+    rotations. ("", 0.0) for an empty mask."""
+    if not mask.any():
+        return "", 0.0
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean(), ys.mean()
+    y, x = np.mgrid[: mask.shape[0], : mask.shape[1]].astype(np.float64) + 0.5
+    best = ("", 0.0)
+    for kind in scenes.SHAPE_CLASSES:
+        size = math.sqrt(mask.sum() / _unit_area(kind))
+        for step in range(angles):
+            turn = 2 * math.pi * step / angles
+            first = shape_template(kind, (x, y), (cx, cy), size, turn)
+            if not first.any():
+                continue
+            # Shift it so its own centroid (not its frame's origin) lands on the mask's.
+            ty, tx = np.nonzero(first)
+            placed = shape_template(
+                kind, (x, y), (2 * cx - tx.mean(), 2 * cy - ty.mean()), size, turn
+            )
+            iou = (placed & mask).sum() / (placed | mask).sum()
+            if iou > best[1]:
+                best = (kind, float(iou))
+    return best
+
+
+def named_shapes(
+    pipe,
+    shapes: Sequence[str] = scenes.SHAPE_CLASSES,
+    seeds: Sequence[int] = (0, 1),
+    steps: int = 20,
+    guidance_scale: float = 4.0,
+) -> dict[str, list[str]]:
+    """For each shape class, the best-fitting shape class (`best_shape`) of the largest red
+    region of text-to-image samples of SHAPE_CAPTION naming it, one per seed ("": no red)."""
+    unknown = [k for k in shapes if k not in scenes.SHAPE_CLASSES]
+    if unknown:
+        raise InputError(
+            f"unknown shape class {', '.join(unknown)}; use {', '.join(scenes.SHAPE_CLASSES)}"
+        )
+    rows = text_to_image(
+        pipe, [SHAPE_CAPTION.format(shape=k) for k in shapes], seeds, steps, guidance_scale
+    )
+    return {
+        k: [best_shape(largest_component(nearest_colour_mask(im, "red")))[0] for im in row]
+        for k, row in zip(shapes, rows, strict=True)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,12 +482,10 @@ class PhotoMove:
 COFFEE_MOVE = PhotoMove("coffee", (600, 400), COFFEE_CUP, (80.0, 0.0), red_glaze)
 """Cup and saucer 80 px right: the saucer's rim (x ≈ 70-480) stays 40 px inside the photo.
 "a photo" is the caption the training gave photo crops."""
-PHOTO_MOVE_RESOLUTION = 288
-"""Working resolution of the photo move (area ≈ 288²). The model's native 128 would squash a
-600×400 photo to 128×128 (sides are multiples of 64) at a fifth of its size, smaller than any
-training crop showed it (the crops were 25-100 % of a photo's short side at 128 px, so scales of
-about 0.3-1.3). 288 gives 384×256: the photo's own 3:2 shape, at a scale of 0.64 inside the
-training range, and a CPU cost of minutes."""
+PHOTO_MOVE_RESOLUTION: int | None = None
+"""Working resolution of the photo move (area ≈ N²); None: the photo's own area, sides rounded
+to the model's size multiple (576×384 for the 600×400 coffee photo, about 2.5 minutes on 2 CPU
+cores). The model's native 128 would squash that photo to 128×128 at a fifth of its size."""
 BACKGROUND_MARGIN = 16
 """Pixels around the object's old and new places left out of the background PSNR: the edges
 blend there."""
@@ -414,6 +555,10 @@ class PhotoMoveResult:
     """Share of the photo's pixels that count as background."""
     margin: int
     seconds: float = 0.0
+    kept_moved: Point = (math.nan, math.nan)
+    """`moved` of the output with the background kept (`keep_background`)."""
+    kept_background_psnr: float = math.nan
+    """`background_psnr` of the output with the background kept."""
 
 
 def moved_places(mask: np.ndarray, shift: Point, margin: int = BACKGROUND_MARGIN) -> np.ndarray:
@@ -444,9 +589,17 @@ def move_measures(
     }
 
 
-def check_move(pipe, photos: dict[str, PIL.Image.Image], task: PhotoMove, resolution: int):
+def own_area(size: Size) -> int:
+    """√(width·height): the working resolution that keeps an image at about its own area."""
+    return round(math.sqrt(size[0] * size[1]))
+
+
+def check_move(
+    pipe, photos: dict[str, PIL.Image.Image], task: PhotoMove, resolution: int | None
+) -> None:
     """Raise InputError unless the photos hold the task's photo at its size, the shift keeps
-    the object inside it, and `resolution` is a valid working resolution."""
+    the object inside it, and `resolution` is a valid working resolution (None: the photo's own
+    area)."""
     if task.photo not in photos:
         raise InputError(
             f"the photo move needs the {task.photo!r} photo, but the photos are "
@@ -464,23 +617,26 @@ def check_move(pipe, photos: dict[str, PIL.Image.Image], task: PhotoMove, resolu
             f"moving the object by {task.shift} px takes part of it out of the "
             f"{photo.width}×{photo.height} photo; choose a smaller shift"
         )
-    pipe.working_size(photo.size, resolution)
+    pipe.working_size(photo.size, own_area(photo.size) if resolution is None else resolution)
 
 
 def photo_move(
     pipe,
     photo: PIL.Image.Image,
     task: PhotoMove = COFFEE_MOVE,
-    resolution: int = PHOTO_MOVE_RESOLUTION,
+    resolution: int | None = PHOTO_MOVE_RESOLUTION,
     steps: int = 50,
     seed: int = 42,
     margin: int = BACKGROUND_MARGIN,
-) -> tuple[PhotoMoveResult, PIL.Image.Image]:
+) -> tuple[PhotoMoveResult, PIL.Image.Image, PIL.Image.Image]:
     """Move the task's object in the photo with `pipe.move` (DiffEditor mode, output at the
-    photo's own size, working size from `resolution`) and measure it; returns the numbers and
-    the edited photo."""
+    photo's own size, working size from `resolution`, None: the photo's own area) and measure
+    it, also with the background kept (`with_background_kept`, no second sampling); returns the
+    numbers, the edited photo and the edited photo with its background kept."""
     photo = photo.convert("RGB")
     check_move(pipe, {task.photo: photo}, task, resolution)
+    if resolution is None:
+        resolution = own_area(photo.size)
     mask = polygon_mask(photo.size, task.polygon)
     started = time.perf_counter()
     source = centroid(mask)
@@ -499,6 +655,8 @@ def photo_move(
     before, after = as_array(photo), as_array(result.image)
     working = tuple(result.record["working_size"])
     measures = move_measures(before, after, mask, task.shift, task.colour, margin)
+    kept = result.with_background_kept()
+    with_kept = move_measures(before, as_array(kept.image), mask, task.shift, task.colour, margin)
     ceiling = resampled(before, working)
     background = ~moved_places(mask, task.shift, margin)
     numbers = PhotoMoveResult(
@@ -510,23 +668,35 @@ def photo_move(
         resampling_psnr=masked_psnr(ceiling, before, background),
         margin=margin,
         seconds=time.perf_counter() - started,
+        kept_moved=with_kept["moved"],
+        kept_background_psnr=with_kept["background_psnr"],
         **measures,
     )
-    return numbers, result.image
+    return numbers, result.image, kept.image
 
 
 def photo_move_figure(
-    photo: PIL.Image.Image, output: PIL.Image.Image, task: PhotoMove, cell: int = 384
+    photo: PIL.Image.Image,
+    output: PIL.Image.Image,
+    task: PhotoMove,
+    cell: int = 384,
+    kept: PIL.Image.Image | None = None,
 ) -> PIL.Image.Image:
-    """One row: the photo with the object's outline and the move's arrow | the edited photo."""
+    """One row: the photo with the object's outline and the move's arrow | the edited photo
+    | (if given) the edited photo with its background kept."""
     mask = polygon_mask(photo.size, task.polygon)
     source = centroid(mask)
     target = (source[0] + task.shift[0], source[1] + task.shift[1])
     dx, dy = task.shift
+    row = [annotate(photo, cell, [mask], [(source, target)]), output]
+    headers = [f"input: object, move {dx:+.0f}, {dy:+.0f} px", "output, at the photo's own size"]
+    if kept is not None:
+        row.append(kept)
+        headers.append("output, keep_background=True")
     return contact_sheet(
-        [[annotate(photo, cell, [mask], [(source, target)]), output]],
+        [row],
         [task.photo],
-        [f"input: object, move {dx:+.0f}, {dy:+.0f} px", "output, at the photo's own size"],
+        headers,
         cell=cell,
         label_width=110,
         cell_height=round(cell * photo.height / photo.width),
@@ -567,6 +737,12 @@ class ModelReport:
     """timestep → token grid → mean normalised entropy of the decoder self-attention."""
     correspondence_inverted: dict[int, dict[str, float]] = field(default_factory=dict)
     """As `correspondence`, each image brought to t by its own DDIM inversion ({}: not run)."""
+    named_colours: dict[str, list[str]] = field(default_factory=dict)
+    """colour named in COLOUR_CAPTION → the dominant object colour of each seed's sample ({}:
+    not run)."""
+    named_shapes: dict[str, list[str]] = field(default_factory=dict)
+    """shape named in SHAPE_CAPTION → the best-fitting shape class of each seed's sample ({}:
+    not run)."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
@@ -663,14 +839,15 @@ def measure(
     sample_seeds: Sequence[int] = (0, 1),
     timesteps: Sequence[int] = CORRESPONDENCE_TIMESTEPS,
     move: PhotoMove | None = COFFEE_MOVE,
-    photo_resolution: int = PHOTO_MOVE_RESOLUTION,
+    photo_resolution: int | None = PHOTO_MOVE_RESOLUTION,
     log: Callable[[str], None] = print,
 ) -> ModelReport:
     """Measure a loaded pipeline on held-out scenes and photos (see the module doc).
 
     The VAE runs on every scene of `scene_seeds` and every photo; the inversion on the first
     `inversion_scenes` scenes and every photo (prompt: the scene's caption, "a photo"). `move`
-    (None: skipped) runs on `photos[move.photo]` with `steps` steps at `photo_resolution`.
+    (None: skipped) runs on `photos[move.photo]` with `steps` steps at `photo_resolution`
+    (None: the photo's own area).
     """
     if move is not None:  # fail now, not after the other measurements
         check_move(pipe, photos, move, photo_resolution)
@@ -715,11 +892,16 @@ def measure(
 
     log(f"text to image: {len(captions)} captions × {len(sample_seeds)} seeds, {steps} steps")
     samples = text_to_image(pipe, captions, sample_seeds, steps)
+    log(f"named colours: {len(scenes.OBJECT_COLOURS)} captions × {len(sample_seeds)} seeds")
+    colours = named_colours(pipe, seeds=sample_seeds, steps=steps)
+    log(f"named shapes: {len(scenes.SHAPE_CLASSES)} captions × {len(sample_seeds)} seeds")
+    shapes = named_shapes(pipe, seeds=sample_seeds, steps=steps)
 
     moved = None
     if move is not None:
-        log(f"photo move: {move.photo} by {move.shift} px, {steps} steps at {photo_resolution}")
-        moved, edited = photo_move(pipe, photos[move.photo], move, photo_resolution, steps)
+        at = "its own size" if photo_resolution is None else f"area ≈ {photo_resolution}²"
+        log(f"photo move: {move.photo} by {move.shift} px, {steps} steps at {at}")
+        moved, edited, kept_bg = photo_move(pipe, photos[move.photo], move, photo_resolution, steps)
 
     report = ModelReport(
         model=pipe.model_name,
@@ -742,6 +924,8 @@ def measure(
         photo_move=moved,
         attention_entropy=entropy,
         correspondence_inverted=on_inversions,
+        named_colours=colours,
+        named_shapes=shapes,
     )
     report.figures["reconstruction"] = contact_sheet(
         [[images[n], vae[n], trips[n]["plain"], trips[n]["bank"]] for n in trips],
@@ -754,7 +938,9 @@ def measure(
         samples, list(captions), [f"seed {s}" for s in sample_seeds], cell=160, label_width=200
     )
     if move is not None:
-        report.figures["photo-move"] = photo_move_figure(photos[move.photo], edited, move)
+        report.figures["photo-move"] = photo_move_figure(
+            photos[move.photo], edited, move, kept=kept_bg
+        )
     report.seconds = time.perf_counter() - started
     return report
 
@@ -849,6 +1035,22 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
                 f"{'≤ 1 cell' if used else '–'} |"
             )
+    if report.named_colours:
+        samples = sum(len(v) for v in report.named_colours.values())
+        caption = COLOUR_CAPTION.format(colour="<colour>")
+        lines.append(
+            f'| text to image, "{caption}" (CFG 4): samples whose dominant object colour is '
+            f"the named one (chance 1 in {len(scenes.OBJECT_COLOURS)}) | {samples} samples | "
+            f"{named_share(report.named_colours):.0%} | |"
+        )
+    if report.named_shapes:
+        samples = sum(len(v) for v in report.named_shapes.values())
+        caption = SHAPE_CAPTION.format(shape="<shape>")
+        lines.append(
+            f'| text to image, "{caption}" (CFG 4): samples whose red region is best fitted by '
+            f"the named shape (chance 1 in {len(scenes.SHAPE_CLASSES)}) | {samples} samples | "
+            f"{named_share(report.named_shapes):.0%} | |"
+        )
     for t, grids in report.attention_entropy.items():
         for grid, value in grids.items():
             lines.append(
@@ -878,6 +1080,29 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "matching tokens, so the memory bank cannot carry content to matching places.",
         "",
     ]
+    checks = [("colours", report.named_colours), ("shapes", report.named_shapes)]
+    missed = {
+        what: "; ".join(
+            f"{named} → {', '.join(n or 'none' for n in names if n != named)}"
+            for named, names in found.items()
+            if any(n != named for n in names)
+        )
+        or "none"
+        for what, found in checks
+        if found
+    }
+    if missed:
+        lines += [
+            "Named colours and shapes: each pixel of a sample goes to the nearest of the scene "
+            "generator's object and background colours; the object colour with most pixels is "
+            "the sample's colour. Its shape: the largest connected red region, against each "
+            "shape class's outline with the region's area, centroid on its centroid, at the "
+            f"best of {SHAPE_ANGLES} rotations; the class with the highest intersection over "
+            "union (every single object of 40 rendered scenes gets its own class). Missed: "
+            + "; ".join(f"{what}: {text}" for what, text in missed.items())
+            + ".",
+            "",
+        ]
     titles = {
         "reconstruction": "Input, VAE reconstruction, and inversion round trips",
         "samples": "Text-to-image samples (CFG 4)",
@@ -902,12 +1127,15 @@ def photo_move_section(result: PhotoMoveResult, figure: str | None) -> list[str]
     (dx, dy), (mx, my) = result.shift, result.moved
     before, after = result.object_pixels
     kept = f"{after / before:.0%}" if before else "n/a"
+    kx, ky = result.kept_moved
+    own = (ww * wh) / (w * h)
     lines = [
         "## Moving an object in a held-out photo",
         "",
         f"The cup with its saucer in scikit-image's `{result.photo}` photo ({w}×{h}, never seen "
         f"in training), moved {dx:+.0f}, {dy:+.0f} px by `pipe.move` (DiffEditor mode, "
-        f'prompt "a photo", {result.steps} steps) at a working size of {ww}×{wh}, the output '
+        f'prompt "a photo", {result.steps} steps) at a working size of {ww}×{wh} '
+        f"({own:.0%} of the photo's area; sides are multiples of the model's 64), the output "
         f"resized back to the photo's own size; {result.seconds:.0f} s.",
         "",
         "| measurement | result |",
@@ -920,15 +1148,19 @@ def photo_move_section(result: PhotoMoveResult, figure: str | None) -> list[str]
         f"{_db(result.background_psnr)} |",
         f"| same for the photo only resized to {ww}×{wh} and back (the ceiling) | "
         f"{_db(result.resampling_psnr)} |",
+        f"| with `keep_background=True`: object shift measured, x / y | {_px(kx)} / {_px(ky)} |",
+        f"| with `keep_background=True`: background PSNR | {_db(result.kept_background_psnr)} |",
         "",
         "The background is every pixel more than "
         f"{result.margin} px away from the object's old and new places (their edges blend). "
         "The object's colour is a fixed rule (green < 0.3 × red, red > 40) that picks the "
         "cup's and saucer's glaze and not the wooden table; its centroid is taken inside the "
-        "same old-and-new area, in the photo and in the output. The round trips above run "
-        "at about the photo's own size; the move runs smaller (`--photo-resolution`), at a "
-        "scale the training crops showed the model, so the resizing alone costs what the "
-        "ceiling row says.",
+        "same old-and-new area, in the photo and in the output. The model re-synthesises "
+        "every pixel, so the background drifts (the ceiling row is what the resizing alone "
+        "costs); `keep_background=True` puts the photo's own pixels back outside the edit's "
+        "region grown by one latent cell and feathered over one more (the same edit, from "
+        "`result.with_background_kept()`, no second sampling), so only that seam band reaches "
+        "into the measured background.",
         "",
     ]
     if figure:
