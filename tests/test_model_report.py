@@ -245,6 +245,14 @@ def test_measure_and_write_report(pipe, tmp_path):
         "| decoder self-attention entropy, t = 261, 16×16 tokens (1 = uniform) | 1 scenes |" in text
     )
     assert "| object shift asked, x / y | +30.0 px / +5.0 px |" in text
+    colours = 'text to image, "a <colour> circle on a grey floor" (CFG 4): samples whose '
+    shapes = 'text to image, "a red <shape> on a grey floor" (CFG 4): samples whose red region '
+    assert (
+        f"| {colours}dominant object colour is the named one (chance 1 in 10) | 10 samples |"
+        in text
+    )
+    assert f"| {shapes}is best fitted by the named shape (chance 1 in 8) | 8 samples |" in text
+    assert "Named colours and shapes:" in text
     for name in ("reconstruction", "samples", "photo-move"):
         figure = tmp_path / "docs" / "images" / f"demo-model-{name}.png"
         assert f"](images/demo-model-{name}.png)" in text

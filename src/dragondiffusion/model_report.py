@@ -146,15 +146,24 @@ COLOUR_CAPTION = "a {colour} circle on a grey floor"
 colour but white and black, which stay far from grey."""
 
 
+PALETTE = np.array(
+    [*scenes.OBJECT_COLOURS.values(), *scenes.BACKGROUND_COLOURS.values()], np.float32
+)
+"""The scene generator's object colours, then its background colours (sRGB)."""
+
+
+def nearest_palette(image: PIL.Image.Image) -> np.ndarray:
+    """(H, W) index into PALETTE of each pixel's nearest colour (object colours come first)."""
+    pixels = as_array(image).astype(np.float32)
+    return ((pixels[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
+
+
 def dominant_object_colour(image: PIL.Image.Image) -> str:
     """The object colour (scenes.OBJECT_COLOURS) most pixels of the image are nearest to, where
     the palette also holds the background colours (scenes.BACKGROUND_COLOURS), whose pixels do
     not count; "" when every pixel is nearest a background colour."""
     names = list(scenes.OBJECT_COLOURS)
-    palette = np.array([*scenes.OBJECT_COLOURS.values(), *scenes.BACKGROUND_COLOURS.values()])
-    pixels = as_array(image).reshape(-1, 3).astype(np.float32)
-    nearest = ((pixels[:, None, :] - palette[None].astype(np.float32)) ** 2).sum(-1).argmin(1)
-    counts = np.bincount(nearest, minlength=len(palette))[: len(names)]
+    counts = np.bincount(nearest_palette(image).ravel(), minlength=len(PALETTE))[: len(names)]
     return names[int(counts.argmax())] if counts.any() else ""
 
 
@@ -193,11 +202,7 @@ SHAPE_ANGLES = 24
 
 def nearest_colour_mask(image: PIL.Image.Image, colour: str) -> np.ndarray:
     """(H, W) bool: pixels nearest `colour` among the object and background colours."""
-    names = list(scenes.OBJECT_COLOURS)
-    palette = np.array([*scenes.OBJECT_COLOURS.values(), *scenes.BACKGROUND_COLOURS.values()])
-    pixels = as_array(image).astype(np.float32)
-    distances = ((pixels[..., None, :] - palette.astype(np.float32)) ** 2).sum(-1)
-    return distances.argmin(-1) == names.index(colour)
+    return nearest_palette(image) == list(scenes.OBJECT_COLOURS).index(colour)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -1035,22 +1040,27 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
                 f"{'≤ 1 cell' if used else '–'} |"
             )
-    if report.named_colours:
-        samples = sum(len(v) for v in report.named_colours.values())
-        caption = COLOUR_CAPTION.format(colour="<colour>")
-        lines.append(
-            f'| text to image, "{caption}" (CFG 4): samples whose dominant object colour is '
-            f"the named one (chance 1 in {len(scenes.OBJECT_COLOURS)}) | {samples} samples | "
-            f"{named_share(report.named_colours):.0%} | |"
-        )
-    if report.named_shapes:
-        samples = sum(len(v) for v in report.named_shapes.values())
-        caption = SHAPE_CAPTION.format(shape="<shape>")
-        lines.append(
-            f'| text to image, "{caption}" (CFG 4): samples whose red region is best fitted by '
-            f"the named shape (chance 1 in {len(scenes.SHAPE_CLASSES)}) | {samples} samples | "
-            f"{named_share(report.named_shapes):.0%} | |"
-        )
+    named = (
+        (
+            report.named_colours,
+            COLOUR_CAPTION.format(colour="<colour>"),
+            "dominant object colour is the named one",
+            len(scenes.OBJECT_COLOURS),
+        ),
+        (
+            report.named_shapes,
+            SHAPE_CAPTION.format(shape="<shape>"),
+            "red region is best fitted by the named shape",
+            len(scenes.SHAPE_CLASSES),
+        ),
+    )
+    for found, caption, what, classes in named:
+        if found:
+            lines.append(
+                f'| text to image, "{caption}" (CFG 4): samples whose {what} (chance 1 in '
+                f"{classes}) | {sum(len(v) for v in found.values())} samples | "
+                f"{named_share(found):.0%} | |"
+            )
     for t, grids in report.attention_entropy.items():
         for grid, value in grids.items():
             lines.append(
