@@ -7,8 +7,8 @@ Default model: the embedded one (src/dragondiffusion/demo_model). Held-out data:
 scenes with seeds below the training script's TRAIN_SEED_FLOOR and the scikit-image photos it
 keeps out of training (needs scikit-image: pip install -e ".[bench]"); on the `coffee` photo
 the cup and saucer are also moved at the photo's own size. What is measured is described in
-`dragondiffusion.model_report`. About 5 minutes on 2 CPU cores at 128×128, plus the photo move
-(about 2.5 minutes at 576×384).
+`dragondiffusion.model_report`. About 13 minutes on 2 CPU cores (2.5 of them the photo move at
+576×384).
 """
 
 from __future__ import annotations

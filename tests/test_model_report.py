@@ -372,9 +372,22 @@ def test_photo_move_runs_at_the_photos_own_size(pipe, coffee):
     assert (np.asarray(kept)[far] == np.asarray(coffee.convert("RGB"))[far]).all()
 
 
-def test_photo_move_at_its_own_size_by_default(pipe, coffee):
-    numbers, _, _ = photo_move(pipe, coffee, COFFEE_MOVE, steps=2)
-    assert numbers.working_size == (576, 384)  # area ≈ 600×400's, sides multiples of 64
+def test_photo_move_at_its_own_size_by_default(pipe, coffee, monkeypatch):
+    assert model_report.PHOTO_MOVE_RESOLUTION is None  # photo_move's default: the photo's area
+    assert model_report.own_area(coffee.size) == 490  # √(600·400)
+    # area ≈ 600×400's, sides multiples of 64
+    assert pipe.working_size(coffee.size, model_report.own_area(coffee.size)) == (576, 384)
+
+    class Asked(Exception):
+        pass
+
+    def move(*args, **kwargs):
+        raise Asked(kwargs["resolution"])
+
+    monkeypatch.setattr(pipe, "move", move)
+    with pytest.raises(Asked) as asked:
+        photo_move(pipe, coffee, COFFEE_MOVE, steps=2)
+    assert asked.value.args == (490,)
 
 
 def test_photo_move_rejects_bad_input(pipe, coffee):
@@ -421,11 +434,13 @@ def test_photo_move_section_reports_the_numbers():
     assert "| object shift asked, x / y | +80.0 px / +0.0 px |" in text
     assert "| object shift measured (centroid of the cup's red glaze), x / y | not found" in text
     assert "| 0 / 56885 (0%) |" in text and "21.0 dB" in text and "29.8 dB" in text
-    assert "(41% of the photo's area" in text
+    assert "(41% of the photo's area; sides are multiples of the model's size multiple)" in text
     assert (
         "| with `keep_background=True`: object shift measured, x / y | +78.0 px / -1.0 px |" in text
     )
     assert "| with `keep_background=True`: background PSNR | 47.3 dB |" in text
+    result.kept_background_psnr = math.nan  # a result made before keep_background was measured
+    assert "background PSNR | n/a |" in "\n".join(photo_move_section(result, None))
     assert "![photo-move](images/demo-model-photo-move.png)" in text
 
 

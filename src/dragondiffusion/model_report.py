@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +54,9 @@ SAMPLE_CAPTIONS = (
     "a green dotted triangle and a white ring on a brown floor",
 )
 """Captions for the text-to-image grid, in the scene captions' vocabulary."""
-CORRESPONDENCE_TIMESTEPS = (261, 501, 741)
-"""Noise levels of the correspondence check: DIFT's t = 261 and two inside the guided steps."""
+CORRESPONDENCE_TIMESTEPS = (261, 501, 741, 901)
+"""Noise levels of the correspondence check: DIFT's t = 261 and three inside the guided steps
+(DiffEditor guides at t ≈ 981…421)."""
 INVERSION_STEPS = 50
 """DDIM steps of the inversions the "inverted" correspondence reads (its timesteps must be on
 their grid: 981, 961, …, 1 for SD 1.5's schedule)."""
@@ -142,8 +143,10 @@ def text_to_image(
 
 
 COLOUR_CAPTION = "a {colour} circle on a grey floor"
-"""The one-object caption of the named-colour check; the grey floor is far from every object
-colour but white and black, which stay far from grey."""
+"""The one-object caption of the named-colour check. The grey floor is far from every object
+colour; the scene generator's walls (any background colour, darkened) are nearer their own
+background colour than any object colour, but a sample's wall need not be: a wall much brighter
+than the generator's white ones would count as a white object."""
 
 
 PALETTE = np.array(
@@ -210,8 +213,12 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return mask.copy()
     inside = torch.from_numpy(mask)[None, None]
-    ids = torch.arange(1, mask.size + 1, dtype=torch.float32).reshape(inside.shape) * inside
-    while True:  # every pixel takes the largest id of its 3×3 neighbourhood inside the mask
+    # float64 holds every id exactly (float32 only up to 2**24 pixels).
+    ids = torch.arange(1, mask.size + 1, dtype=torch.float64).reshape(inside.shape) * inside
+    # Every pixel takes the largest id of its 3×3 neighbourhood inside the mask, until nothing
+    # changes: one pass over the image per pixel of the longest path inside a region (fine at
+    # the model's 128 px; slow for long winding regions of large images).
+    while True:
         grown = F.max_pool2d(ids, 3, stride=1, padding=1) * inside
         if torch.equal(grown, ids):
             break
@@ -220,6 +227,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return (ids[0, 0] == labels[counts.argmax()]).numpy()
 
 
+@cache
 def _unit_area(kind: str, samples: int = 401) -> float:
     """Area of shape `kind` in its own frame (units of its size)."""
     u, v = np.meshgrid(np.linspace(-1.2, 1.2, samples), np.linspace(-1.2, 1.2, samples))
@@ -239,7 +247,7 @@ def shape_template(
 def best_shape(mask: np.ndarray, angles: int = SHAPE_ANGLES) -> tuple[str, float]:
     """The shape class whose template best overlaps the mask, and that overlap (IoU): each
     template has the mask's area, its centroid on the mask's, at the best of `angles`
-    rotations. ("", 0.0) for an empty mask."""
+    rotations. ("", 0.0) for an empty mask, or one so small that no template covers a pixel."""
     if not mask.any():
         return "", 0.0
     ys, xs = np.nonzero(mask)
@@ -272,7 +280,8 @@ def named_shapes(
     guidance_scale: float = 4.0,
 ) -> dict[str, list[str]]:
     """For each shape class, the best-fitting shape class (`best_shape`) of the largest red
-    region of text-to-image samples of SHAPE_CAPTION naming it, one per seed ("": no red)."""
+    region of text-to-image samples of SHAPE_CAPTION naming it, one per seed ("": no red, or a
+    region too small for any template to cover a pixel)."""
     unknown = [k for k in shapes if k not in scenes.SHAPE_CLASSES]
     if unknown:
         raise InputError(
@@ -904,7 +913,7 @@ def measure(
 
     moved = None
     if move is not None:
-        at = "its own size" if photo_resolution is None else f"area ≈ {photo_resolution}²"
+        at = "its own area" if photo_resolution is None else f"area ≈ {photo_resolution}²"
         log(f"photo move: {move.photo} by {move.shift} px, {steps} steps at {at}")
         moved, edited, kept_bg = photo_move(pipe, photos[move.photo], move, photo_resolution, steps)
 
@@ -976,6 +985,8 @@ def save_figure(image: PIL.Image.Image, path: Path, limit: int = MAX_FIGURE_BYTE
 
 
 def _db(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
     return "∞" if math.isinf(value) else f"{value:.1f} dB"
 
 
@@ -1145,7 +1156,8 @@ def photo_move_section(result: PhotoMoveResult, figure: str | None) -> list[str]
         f"The cup with its saucer in scikit-image's `{result.photo}` photo ({w}×{h}, never seen "
         f"in training), moved {dx:+.0f}, {dy:+.0f} px by `pipe.move` (DiffEditor mode, "
         f'prompt "a photo", {result.steps} steps) at a working size of {ww}×{wh} '
-        f"({own:.0%} of the photo's area; sides are multiples of the model's 64), the output "
+        f"({own:.0%} of the photo's area; sides are multiples of the model's size multiple), "
+        "the output "
         f"resized back to the photo's own size; {result.seconds:.0f} s.",
         "",
         "| measurement | result |",
