@@ -29,7 +29,6 @@ from dragondiffusion.model_report import (
     dilate,
     dominant_object_colour,
     inversion_round_trip,
-    largest_component,
     masked_psnr,
     mean_correspondence,
     measure,
@@ -476,6 +475,8 @@ def test_best_shape_names_the_class_of_every_rendered_object():
 
 
 def test_largest_component_keeps_the_biggest_8_connected_region():
+    from dragondiffusion.bench.metrics import largest_component  # what named_shapes uses
+
     mask = np.zeros((20, 20), bool)
     mask[2:5, 2:5] = True  # 9 pixels
     mask[10:14, 10:14] = True  # 16 pixels

@@ -142,7 +142,7 @@ def text_to_image(
     ]
 
 
-COLOUR_CAPTION = "a {colour} circle on a grey floor"
+COLOUR_CAPTION = "a {} circle on a grey floor"
 """The one-object caption of the named-colour check. The grey floor is far from every object
 colour; the scene generator's walls (any background colour, darkened) are nearer their own
 background colour than any object colour, but a sample's wall need not be: a wall much brighter
@@ -170,6 +170,27 @@ def dominant_object_colour(image: PIL.Image.Image) -> str:
     return names[int(counts.argmax())] if counts.any() else ""
 
 
+def named_samples(
+    pipe,
+    caption: str,
+    names: Sequence[str],
+    known: Sequence[str],
+    what: str,
+    classify: Callable[[PIL.Image.Image], str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+) -> dict[str, list[str]]:
+    """For each name (one of `known`, else InputError naming `what`), text-to-image samples of
+    `caption` with `{}` filled by it, one per seed, each put through `classify`."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown {what} {', '.join(unknown)}; use {', '.join(known)}")
+    captions = [caption.format(n) for n in names]
+    rows = text_to_image(pipe, captions, seeds, steps, guidance_scale)
+    return {n: [classify(im) for im in row] for n, row in zip(names, rows, strict=True)}
+
+
 def named_colours(
     pipe,
     colours: Sequence[str] = tuple(scenes.OBJECT_COLOURS),
@@ -179,16 +200,17 @@ def named_colours(
 ) -> dict[str, list[str]]:
     """For each colour, the dominant object colour of text-to-image samples of COLOUR_CAPTION
     naming it, one per seed: whether the samples show the colour they are asked for."""
-    unknown = [c for c in colours if c not in scenes.OBJECT_COLOURS]
-    if unknown:
-        raise InputError(
-            f"unknown object colour {', '.join(unknown)}; use {', '.join(scenes.OBJECT_COLOURS)}"
-        )
-    captions = [COLOUR_CAPTION.format(colour=c) for c in colours]
-    rows = text_to_image(pipe, captions, seeds, steps, guidance_scale)
-    return {
-        c: [dominant_object_colour(im) for im in row] for c, row in zip(colours, rows, strict=True)
-    }
+    return named_samples(
+        pipe,
+        COLOUR_CAPTION,
+        colours,
+        tuple(scenes.OBJECT_COLOURS),
+        "object colour",
+        dominant_object_colour,
+        seeds,
+        steps,
+        guidance_scale,
+    )
 
 
 def named_share(found: dict[str, list[str]]) -> float:
@@ -197,7 +219,7 @@ def named_share(found: dict[str, list[str]]) -> float:
     return sum(hits) / len(hits) if hits else math.nan
 
 
-SHAPE_CAPTION = "a red {shape} on a grey floor"
+SHAPE_CAPTION = "a red {} on a grey floor"
 """The one-object caption of the named-shape check."""
 SHAPE_ANGLES = 24
 """Rotations (every 15°) a shape template is tried at."""
@@ -206,25 +228,6 @@ SHAPE_ANGLES = 24
 def nearest_colour_mask(image: PIL.Image.Image, colour: str) -> np.ndarray:
     """(H, W) bool: pixels nearest `colour` among the object and background colours."""
     return nearest_palette(image) == list(scenes.OBJECT_COLOURS).index(colour)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a (H, W) bool mask (all False when it is empty)."""
-    if not mask.any():
-        return mask.copy()
-    inside = torch.from_numpy(mask)[None, None]
-    # float64 holds every id exactly (float32 only up to 2**24 pixels).
-    ids = torch.arange(1, mask.size + 1, dtype=torch.float64).reshape(inside.shape) * inside
-    # Every pixel takes the largest id of its 3×3 neighbourhood inside the mask, until nothing
-    # changes: one pass over the image per pixel of the longest path inside a region (fine at
-    # the model's 128 px; slow for long winding regions of large images).
-    while True:
-        grown = F.max_pool2d(ids, 3, stride=1, padding=1) * inside
-        if torch.equal(grown, ids):
-            break
-        ids = grown
-    labels, counts = torch.unique(ids[inside], return_counts=True)
-    return (ids[0, 0] == labels[counts.argmax()]).numpy()
 
 
 @cache
@@ -281,19 +284,20 @@ def named_shapes(
 ) -> dict[str, list[str]]:
     """For each shape class, the best-fitting shape class (`best_shape`) of the largest red
     region of text-to-image samples of SHAPE_CAPTION naming it, one per seed ("": no red, or a
-    region too small for any template to cover a pixel)."""
-    unknown = [k for k in shapes if k not in scenes.SHAPE_CLASSES]
-    if unknown:
-        raise InputError(
-            f"unknown shape class {', '.join(unknown)}; use {', '.join(scenes.SHAPE_CLASSES)}"
-        )
-    rows = text_to_image(
-        pipe, [SHAPE_CAPTION.format(shape=k) for k in shapes], seeds, steps, guidance_scale
+    region too small for any template to cover a pixel). Needs scipy (the bench extra)."""
+    from .bench.metrics import largest_component  # scipy; bench.metrics imports this module
+
+    return named_samples(
+        pipe,
+        SHAPE_CAPTION,
+        shapes,
+        scenes.SHAPE_CLASSES,
+        "shape class",
+        lambda image: best_shape(largest_component(nearest_colour_mask(image, "red")))[0],
+        seeds,
+        steps,
+        guidance_scale,
     )
-    return {
-        k: [best_shape(largest_component(nearest_colour_mask(im, "red")))[0] for im in row]
-        for k, row in zip(shapes, rows, strict=True)
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1054,13 +1058,13 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
     named = (
         (
             report.named_colours,
-            COLOUR_CAPTION.format(colour="<colour>"),
+            COLOUR_CAPTION.format("<colour>"),
             "dominant object colour is the named one",
             len(scenes.OBJECT_COLOURS),
         ),
         (
             report.named_shapes,
-            SHAPE_CAPTION.format(shape="<shape>"),
+            SHAPE_CAPTION.format("<shape>"),
             "red region is best fitted by the named shape",
             len(scenes.SHAPE_CLASSES),
         ),
