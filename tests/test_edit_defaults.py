@@ -7,7 +7,7 @@ import pytest
 
 import dragondiffusion
 from dragondiffusion.edit_defaults import DEFAULTS_FILE, EditDefaults
-from dragondiffusion.edits import AppearanceWeights, MoveWeights
+from dragondiffusion.edits import AppearanceWeights, DragWeights, MoveWeights
 from dragondiffusion.errors import InputError
 
 
@@ -81,6 +81,20 @@ def test_bundles_without_the_file_keep_upstream_weights(pipe, inversion, scene):
     assert result.record["guidance_scale"] == MoveWeights().guidance_scale
     assert result.record["weights_from"] == "upstream"
     assert result.record["feature_blocks"] == [1, 2]
+
+
+def test_moves_read_features_at_the_weights_level_and_resizes_at_their_own(pipe, inversion, scene):
+    assert inversion.num_steps == 10  # timesteps 901, 801, …, 1
+    assert pipe.move(inversion, scene[1], (35, 45), (60, 45)).record["features_read_at"] is None
+    levelled = MoveWeights(feature_timestep=480.0)
+    moved = pipe.move(inversion, scene[1], (35, 45), (60, 45), weights=levelled)
+    assert moved.record["features_read_at"] == 501
+    assert moved.record["weights"]["feature_timestep"] == 480.0
+    resized = pipe.move(inversion, scene[1], (35, 45), (35, 45), scale=1.3, weights=levelled)
+    assert resized.record["features_read_at"] is None
+    levelled_drag = DragWeights(feature_timestep=300.0)
+    dragged = pipe.drag(inversion, scene[1], [((35, 45), (45, 45))], weights=levelled_drag)
+    assert dragged.record["features_read_at"] == 301
 
 
 def test_a_bundle_can_name_the_feature_blocks_of_its_energies(tiny_bundle, tmp_path, scene):

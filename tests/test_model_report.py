@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dragondiffusion import model_report, scenes
-from dragondiffusion.edit_defaults import WEIGHTS
+from dragondiffusion.ddim import invert_step
+from dragondiffusion.edit_defaults import WEIGHTS, EditDefaults
 from dragondiffusion.errors import InputError
 from dragondiffusion.figures import GAP, header_height
 from dragondiffusion.model_report import (
@@ -28,7 +29,9 @@ from dragondiffusion.model_report import (
     cosines,
     dilate,
     dominant_object_colour,
+    feature_level,
     inversion_round_trip,
+    markdown,
     masked_psnr,
     mean_correspondence,
     measure,
@@ -492,3 +495,73 @@ def test_named_shapes_samples_each_caption(pipe):
     assert all(n in (*scenes.SHAPE_CLASSES, "") for v in found.values() for n in v)
     with pytest.raises(InputError, match="unknown shape class blob"):
         named_shapes(pipe, shapes=("blob",))
+
+
+def test_read_at_brings_the_shifted_latent_to_the_level(pipe, monkeypatch):
+    """The rows "read at t = L": the scene read at L, the shifted one brought from t to L by one
+    DDIM step with the UNet's own noise prediction, as the sampler reads at a plan's level."""
+    scene = scenes.random_scene(4)
+    kept: dict = {}
+    plain = correspondence_errors(pipe, scene, timestep=741, latents="inverted", cache=kept)
+    same = correspondence_errors(
+        pipe, scene, timestep=741, latents="inverted", cache=kept, read_at=741
+    )
+    assert all(np.array_equal(plain[k], same[k]) for k in plain), "no level below t: unchanged"
+    seen = []
+    features = pipe.features
+
+    def recording(z, t, text):
+        seen.append((z.clone(), int(torch.as_tensor(t).reshape(-1)[0])))
+        return features(z, t, text)
+
+    monkeypatch.setattr(pipe, "features", recording)
+    monkeypatch.setattr(recording, "blocks", features.blocks, raising=False)
+    errors = correspondence_errors(
+        pipe, scene, timestep=741, latents="inverted", cache=kept, read_at=501
+    )
+    assert all(np.isfinite(e).all() and len(e) > 0 for e in errors.values())
+    (first, t_first), (second, t_second) = seen
+    assert t_first == t_second == 501
+    image, _ = scenes.render(scene)
+    z501, _ = model_report.inverted_latent(pipe, image, scenes.caption(scene), 501, kept)
+    assert torch.equal(first, z501), "the scene: its own inversion at the level"
+    moved, _ = scenes.render(shifted(scene, 16, 16))
+    z741, t = model_report.inverted_latent(pipe, moved, scenes.caption(scene), 741, kept)
+    text = pipe.encode_text(scenes.caption(scene))[0]
+    with torch.no_grad():
+        eps = pipe.unet(z741, t, encoder_hidden_states=text).sample
+    alpha = pipe.scheduler.alphas_cumprod
+    brought = invert_step(z741, eps, float(alpha[741]), float(alpha[501]))
+    assert torch.allclose(second, brought, atol=1e-5)
+
+
+def test_feature_level_is_where_most_edits_read(pipe, monkeypatch):
+    assert feature_level(pipe) == (None, [])
+    overrides = {"move": {"feature_timestep": 520.0}, "drag": {"feature_timestep": 520.0}}
+    overrides["paste"] = {"feature_timestep": 300.0}
+    monkeypatch.setattr(pipe, "edit_defaults", EditDefaults(overrides, "test"))
+    # On a 50-step run's grid (981, 961, …, 521, 501, …): 520 → 521.
+    assert feature_level(pipe) == (521, ["move", "drag"])
+
+
+def test_report_rows_read_at_the_level_carry_the_target():
+    blocks = {"up_blocks[2]": 0.2, "up_blocks[1]+up_blocks[2]": 0.6}
+    far = {"up_blocks[2]": 3.0, "up_blocks[1]+up_blocks[2]": 2.5}
+    report = model_report.ModelReport(
+        model="m", device="cpu", parameters={"unet": 1}, steps=50, sizes={}, vae_psnr={},
+        inversion_psnr={}, correspondence={261: blocks, 741: far}, correspondence_scenes=3,
+        feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16},
+        energy_blocks={"up_blocks[2]": ["move"], "up_blocks[1]+up_blocks[2]": ["appearance"]},
+        feature_level=501, level_edits=["move", "appearance"],
+        correspondence_at_level={"inverted": {741: {"up_blocks[2]": 0.4}}},
+    )  # fmt: skip
+    rows = {line.split(" | ")[0]: line for line in markdown(report, {}).splitlines()}
+    lead = "| feature correspondence error, t = "
+    own = rows[f"{lead}261, noised, up_blocks[2] (16×16 cells; energies of move)"]
+    assert own.endswith("| 0.20 cells | ≤ 1 cell |"), "at or below the level: its own rows"
+    key = f"{lead}741, noised, up_blocks[2] (16×16 cells; energies of move; read at t = 501 "
+    assert rows[key + "by move, appearance)"].endswith("| 3.00 cells | – |")
+    level = rows[f"{lead}741, DDIM-inverted, read at t = 501, up_blocks[2] (16×16 cells; "
+                 "energies of move)"]  # fmt: skip
+    assert level.endswith("| 3 scenes | 0.40 cells | ≤ 1 cell |")
+    assert "read their features at t = 501 at every noisier guided step" in markdown(report, {})

@@ -7,7 +7,7 @@ import torch
 
 from dragondiffusion import sampler as sampler_module
 from dragondiffusion.attention import BankMode
-from dragondiffusion.ddim import DDIMTimesteps, predict_x0, step_to
+from dragondiffusion.ddim import DDIMTimesteps, invert_step, predict_x0, step_to
 from dragondiffusion.errors import InputError
 from dragondiffusion.sampler import EditPlan, Evaluations, GuidanceSchedule, Sampler
 
@@ -90,3 +90,64 @@ def test_background_blending_is_a_share_of_the_steps():
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(InputError, match="blend_background"):
             replace(plan, blend_background=bad)
+
+
+def level_sampler(pipe, inversion, feature_timestep, guided):
+    """A sampler over `inversion` whose plan reads features at `feature_timestep`."""
+    z = inversion.latents[-1]
+    n = inversion.num_steps
+    plan = EditPlan(
+        "test", z, None, torch.ones(1), BankMode.OFF, range(0), 1.0, 1.0, 1.0,
+        feature_timestep=feature_timestep,
+    )  # fmt: skip
+    cond, uncond = pipe.encode_text(inversion.prompts[0])
+    return Sampler(
+        pipe.unet, pipe.features, pipe.memory_bank, inversion, plan,
+        GuidanceSchedule("test", n, frozenset(guided)), DDIMTimesteps(pipe.scheduler, n), cond,
+        uncond, Evaluations(),
+    )  # fmt: skip
+
+
+def test_noisier_steps_read_features_at_the_level(pipe, inversion, monkeypatch):
+    """Above the level: the step's own prediction brought there by one deterministic DDIM step,
+    against the inversion's features at the level (computed once); at or below it: unchanged."""
+    seen = []
+
+    def fake_gradient(features, plan, z, t, text, reference, counts):
+        seen.append((z.clone(), t, reference))
+        return torch.zeros_like(z)
+
+    monkeypatch.setattr(sampler_module, "energy_gradient", fake_gradient)
+    s = level_sampler(pipe, inversion, 520.0, guided={0, 2, 6})
+    steps = s.steps
+    assert steps.timesteps[:7] == [901, 801, 701, 601, 501, 401, 301]
+    assert s.level == 4 and s.reads_at_level(0) and not s.reads_at_level(4)
+    calls = s.counts.features
+    level_features = s.reference_features(0)
+    assert s.reference_features(2) is level_features, "computed once"
+    assert s.counts.features == calls + len(inversion.latents[0])
+    for got, want in zip(level_features, s.trajectory_features(4), strict=True):
+        assert torch.equal(got, want)
+    own = s.reference_features(6)
+    assert not torch.equal(own[0], level_features[0])
+    z = inversion.at_step(0)[:1]
+    with torch.no_grad():
+        eps = pipe.unet(z, steps.timesteps[0], encoder_hidden_states=s.cond).sample
+        s.step(0, z, level_features)
+        z6 = inversion.at_step(6)[:1]
+        s.step(6, z6, own)
+    (z_read, t_read, reference), (z_own, t_own, _) = seen
+    assert t_read == 501 and reference is level_features
+    assert torch.allclose(z_read, invert_step(z, eps, steps.alpha[0], steps.alpha[4]), atol=1e-5)
+    assert not torch.allclose(z_read, z, atol=1e-2)
+    assert t_own == 301 and torch.equal(z_own, z6)
+
+
+def test_the_level_is_off_by_default_and_checked(pipe, inversion):
+    s = level_sampler(pipe, inversion, 0.0, guided={0})
+    assert s.level is None and not s.reads_at_level(0)
+    assert torch.equal(s.reference_features(0)[0], s.trajectory_features(0)[0])
+    assert level_sampler(pipe, inversion, 5000.0, guided={0}).level == 0, "never noisier"
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="feature_timestep"):
+            level_sampler(pipe, inversion, bad, guided={0})

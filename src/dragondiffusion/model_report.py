@@ -16,7 +16,9 @@
   finer grid). The target applies to what each edit's energies compare (`pipe.features_for`).
   Two ways to bring an image to that noise level: fresh random noise, independent per image
   (DIFT's protocol), or the image's own DDIM inversion (what the energies compare: the reference
-  features come from the inversion's trajectory, and sampling starts from its z_T).
+  features come from the inversion's trajectory, and sampling starts from its z_T). Where the
+  model's edits read their features at a fixed level at noisier steps (`feature_timestep`), the
+  same at every noisier t read that way (`feature_level`; `decoder_features`' `read_at`).
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
   against the shift asked for; the same with `keep_background`.
@@ -40,12 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, scenes
-from .ddim import DDIMTimesteps
+from .ddim import DDIMTimesteps, invert_step
 from .edit_defaults import WEIGHTS
 from .errors import InputError
 from .figures import annotate, contact_sheet
 from .geometry import Point, Size, dilate, mask_to_grid
 from .io import atomic_write
+from .sampler import nearest_step
 
 SAMPLE_CAPTIONS = (
     "a red circle on a blue floor",
@@ -54,9 +57,9 @@ SAMPLE_CAPTIONS = (
     "a green dotted triangle and a white ring on a brown floor",
 )
 """Captions for the text-to-image grid, in the scene captions' vocabulary."""
-CORRESPONDENCE_TIMESTEPS = (261, 501, 741, 901)
-"""Noise levels of the correspondence check: DIFT's t = 261 and three inside the guided steps
-(DiffEditor guides at t ≈ 981…421)."""
+CORRESPONDENCE_TIMESTEPS = (261, 501, 741, 901, 981)
+"""Noise levels of the correspondence check: DIFT's t = 261 and four inside the guided steps
+(DiffEditor guides at t ≈ 981…421; 981 is the first, noisiest step of 50)."""
 INVERSION_STEPS = 50
 """DDIM steps of the inversions the "inverted" correspondence reads (its timesteps must be on
 their grid: 981, 961, …, 1 for SD 1.5's schedule)."""
@@ -353,16 +356,25 @@ def decoder_features(
     noise: torch.Tensor,
     latents: str = "noised",
     cache: dict | None = None,
+    read_at: int | None = None,
 ) -> list[torch.Tensor]:
     """DragonDiffusion's two decoder feature maps (`pipe.features`, whatever blocks an edit's
     energies use), each (C, h, w) at its block's own resolution, of the image's latent at
     `timestep`: noised with `noise`, or its DDIM inversion (`latents` "inverted"; `cache` as in
-    `inverted_latent`)."""
+    `inverted_latent`). With `read_at` below `timestep`, read as the sampler does at a plan's
+    level (`EditPlan.feature_timestep`): the latent brought to `read_at` by one deterministic
+    DDIM step with the UNet's predicted noise, and the features read there."""
     if latents == "inverted":
         zt, t = inverted_latent(pipe, image, prompt, timestep, cache)
     else:
         zt, t = noised_latent(pipe, image, timestep, noise)
     text = pipe.encode_text(prompt)[0]
+    if read_at is not None and read_at < timestep:
+        alpha = pipe.scheduler.alphas_cumprod
+        with torch.no_grad():
+            eps = pipe.unet(zt, t, encoder_hidden_states=text).sample
+        zt = invert_step(zt, eps, float(alpha[timestep]), float(alpha[read_at]))
+        t = torch.tensor([read_at], device=pipe.device)
     return [m[0].float() for m in pipe.features(zt, t, text)]
 
 
@@ -399,6 +411,7 @@ def correspondence_errors(
     seed: int = 0,
     latents: str = "noised",
     cache: dict | None = None,
+    read_at: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Arg-max-cosine matching errors between a scene and the scene shifted by a known offset.
 
@@ -410,18 +423,24 @@ def correspondence_errors(
     cell that is object in both images, with its true match inside the image. With two blocks
     or more, also roughly what an energy comparing them together sees (`summed(blocks)`): every
     block upsampled to the finest grid (nearest, as the energies do), the sum of their cosine
-    similarities, errors in cells of the finest grid.
+    similarities, errors in cells of the finest grid. With `read_at` below `timestep`, as the
+    energies read at a plan's level: the scene (the reference) at `read_at`, the shifted scene
+    (the edit's current latent) at `timestep` brought to `read_at` (`decoder_features`).
     """
     side = scene.size // pipe.vae_scale_factor
     shape = (2, 1, pipe.unet.config.in_channels, side, side)
     noises = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     prompt = scenes.caption(scene)
     image, masks = scenes.render(scene)
-    first = decoder_features(pipe, image, prompt, timestep, noises[0], latents, cache)
+    at_level = read_at is not None and read_at < timestep
+    first_t = read_at if at_level else timestep
+    first = decoder_features(pipe, image, prompt, first_t, noises[0], latents, cache)
     coarsest = min(m.shape[-1] for m in first)
     dx, dy = (o * scene.size / coarsest for o in offset_cells)
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
-    second = decoder_features(pipe, moved_image, prompt, timestep, noises[1], latents, cache)
+    second = decoder_features(
+        pipe, moved_image, prompt, timestep, noises[1], latents, cache, read_at
+    )
 
     def errors_on(
         grid: tuple[int, int], similarity: Callable[[torch.Tensor], torch.Tensor]
@@ -761,6 +780,14 @@ class ModelReport:
     named_shapes: dict[str, list[str]] = field(default_factory=dict)
     """shape named in SHAPE_CAPTION → the best-fitting shape class of each seed's sample ({}:
     not run)."""
+    feature_level: int | None = None
+    """The timestep at which edits read their energies' features at noisier guided steps
+    (`feature_level`); None: each step at its own level."""
+    level_edits: list[str] = field(default_factory=list)
+    """The edits that read at `feature_level`."""
+    correspondence_at_level: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    """"noised" / "inverted" → t above the level → as `correspondence`, the shifted scene brought
+    from t to `feature_level` and read there, the scene read there ({}: no level)."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
@@ -773,6 +800,23 @@ def energy_blocks(pipe) -> dict[str, list[str]]:
         blocks = pipe.features_for(edit).blocks
         used.setdefault(summed(blocks), []).append(edit)
     return used
+
+
+def feature_level(pipe) -> tuple[int | None, list[str]]:
+    """The timestep at which the model's edits read their energies' features at noisier guided
+    steps (`feature_timestep` of its edit weights, on the grid of an INVERSION_STEPS-step run, as
+    the sampler puts it), and the edits that do; (None, []) where every edit reads at each step's
+    own level. Where edits name different levels, the one most of them name."""
+    steps = DDIMTimesteps(pipe.scheduler, INVERSION_STEPS)
+    levels: dict[int, list[str]] = {}
+    for edit in WEIGHTS:
+        timestep = pipe.edit_defaults.weights(edit).feature_timestep
+        if timestep:
+            levels.setdefault(steps.timesteps[nearest_step(steps, timestep)], []).append(edit)
+    if not levels:
+        return None, []
+    level = max(levels, key=lambda t: len(levels[t]))
+    return level, levels[level]
 
 
 def mean(values: Iterable[float]) -> float:
@@ -832,15 +876,18 @@ def mean_correspondence(
     offset_cells: tuple[int, int] = (1, 1),
     latents: str = "noised",
     cache: dict | None = None,
+    read_at: int | None = None,
 ) -> dict[str, float]:
     """Mean matching error per block over all object cells of the scenes with these seeds
-    (`latents`, `cache`: as in `correspondence_errors`)."""
+    (`latents`, `cache`, `read_at`: as in `correspondence_errors`)."""
     if latents not in LATENTS:
         raise InputError(f"latents must be one of {', '.join(LATENTS)}, not {latents!r}")
     errors: dict[str, list[np.ndarray]] = {}
     for seed in seeds:
         scene = scenes.random_scene(seed, pipe.native_resolution)
-        found = correspondence_errors(pipe, scene, offset_cells, timestep, 0, latents, cache)
+        found = correspondence_errors(
+            pipe, scene, offset_cells, timestep, 0, latents, cache, read_at
+        )
         for block, e in found.items():
             errors.setdefault(block, []).append(e)
     return {block: mean(np.concatenate(e)) for block, e in errors.items()}
@@ -897,6 +944,18 @@ def measure(
         t: mean_correspondence(pipe, correspondence_seeds, t, latents="inverted", cache=kept)
         for t in timesteps
     }
+    level, level_edits = feature_level(pipe)
+    at_level: dict[str, dict[int, dict[str, float]]] = {}
+    if level is not None:
+        log(f"the same read at t = {level} from the noisier levels (as {', '.join(level_edits)})")
+        for latents in LATENTS:
+            at_level[latents] = {
+                t: mean_correspondence(
+                    pipe, correspondence_seeds, t, latents=latents, cache=kept, read_at=level
+                )
+                for t in timesteps
+                if t > level
+            }
     del kept
     latent = side // pipe.vae_scale_factor
     # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
@@ -944,6 +1003,9 @@ def measure(
         correspondence_inverted=on_inversions,
         named_colours=colours,
         named_shapes=shapes,
+        feature_level=level,
+        level_edits=level_edits,
+        correspondence_at_level=at_level,
     )
     report.figures["reconstruction"] = contact_sheet(
         [[images[n], vae[n], trips[n]["plain"], trips[n]["bank"]] for n in trips],
@@ -994,6 +1056,20 @@ def _db(value: float) -> str:
     return "∞" if math.isinf(value) else f"{value:.1f} dB"
 
 
+def energy_users(report: ModelReport, block: str) -> tuple[list[str], str]:
+    """The edits whose energies compare exactly `block` (a block or blocks summed), and the
+    table's words for who compares it."""
+    used = report.energy_blocks.get(block, [])
+    within = [key for key in report.energy_blocks if block in key.split("+")]
+    if used:
+        return used, f"; energies of {', '.join(used)}" if len(used) < len(WEIGHTS) else ""
+    if within:
+        return used, "; in the energies only with " + ", ".join(
+            " + ".join(b for b in key.split("+") if b != block) for key in within
+        )
+    return used, "; energies of none"
+
+
 def markdown(report: ModelReport, images: dict[str, str]) -> str:
     """The text of docs/demo-model.md; `images` maps figure names to paths relative to it."""
     scene_names = [n for n in report.vae_psnr if n.startswith("scene ")]
@@ -1032,22 +1108,23 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 f"| inversion → reconstruction PSNR, {report.steps} steps, {label} | {name} | "
                 f"{_db(report.inversion_psnr[name][mode])} | |"
             )
-    protocols = [("noised", report.correspondence)]
+    level = report.feature_level
+    protocols = [("noised", report.correspondence, False)]
     if report.correspondence_inverted:
-        protocols.append(("DDIM-inverted", report.correspondence_inverted))
-    for (how, measured), t in itertools.product(protocols, report.correspondence):
+        protocols.append(("DDIM-inverted", report.correspondence_inverted, False))
+    for latents, measured in report.correspondence_at_level.items():
+        how = "noised" if latents == "noised" else "DDIM-inverted"
+        protocols.append((f"{how}, read at t = {level}", measured, True))
+    for (how, measured, read_at_level), t in itertools.product(protocols, report.correspondence):
         for block, error in measured.get(t, {}).items():
+            compared, who = energy_users(report, block)
+            used = compared
+            if level is not None and t > level and not read_at_level:
+                # Edits that read at the level compare these features only in its rows.
+                used = [e for e in compared if e not in report.level_edits]
+                if len(used) < len(compared):
+                    who += f"; read at t = {level} by {', '.join(report.level_edits)}"
             side = report.feature_grids[block]
-            used = report.energy_blocks.get(block, [])
-            within = [key for key in report.energy_blocks if block in key.split("+")]
-            if used:
-                who = f"; energies of {', '.join(used)}" if len(used) < len(WEIGHTS) else ""
-            elif within:
-                who = "; in the energies only with " + ", ".join(
-                    " + ".join(b for b in key.split("+") if b != block) for key in within
-                )
-            else:
-                who = "; energies of none"
             what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
             lines.append(
                 f"| feature correspondence error, t = {t}, {how}, {what} "
@@ -1099,7 +1176,18 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "that sums one term per block favours); the mean distance to the true cell, in "
         "cells of that block (together: of the finer one). The target applies to what an "
         "edit's energies compare (`feature_blocks` in the model's dragondiffusion.json; "
-        "unnamed edits compare both blocks). Attention entropy: the entropy of the softmax "
+        "unnamed edits compare both blocks) at the level they read it: "
+        + (
+            f"the model's edits ({', '.join(report.level_edits)}) read their features at "
+            f"t = {level} at every noisier guided step (`feature_timestep` in its "
+            "dragondiffusion.json): the step's own latent is brought there by one deterministic "
+            "DDIM step with the UNet's predicted noise, and the reference features are the "
+            f"inversion's at t = {level}; the rows 'read at t = {level}' measure exactly that "
+            "(the first image read at the level, the shifted one brought there from t). "
+            if level is not None
+            else "each guided step's own. "
+        )
+        + "Attention entropy: the entropy of the softmax "
         "weights of the decoder self-attention layers (those the memory bank swaps) divided by "
         "log(tokens); near 1 the attention is almost uniform, pooling the image instead of "
         "matching tokens, so the memory bank cannot carry content to matching places.",

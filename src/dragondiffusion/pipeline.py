@@ -480,6 +480,7 @@ class DragonPipeline(StableDiffusionPipeline):
                 set_image_prompt=set_image_prompt,
                 callback=lambda _: bar.update(),
             ).run()
+        level = plan.level(steps)
         image = self.decode(z)
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
@@ -518,6 +519,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "output_size": list(image.size),
             "keep_background": options.keep_background,
             "feature_blocks": list(self.features_for(plan.edit).blocks),
+            "features_read_at": None if level is None else steps.timesteps[level],
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
             "image_prompt": self.image_prompt_record(inversion, schedule, options),

@@ -11,6 +11,11 @@ grown by one latent cell) is set back to the inversion's latent at the same nois
 edit is generated against the input's own surroundings instead of a re-synthesised copy of them.
 Statistics matching (optional, not upstream's; appearance and paste): after each of the last
 steps the object's latent is renormalised to the reference object's (`latent_statistics`).
+Reading the features at a fixed level (optional, not upstream's; `EditPlan.feature_timestep`):
+at the noisier guided steps the energies compare the features of the step's own prediction,
+brought down to that level by one deterministic DDIM step, with the inversion's features there,
+instead of features read at the step's own noise level, where a small model's decoder features
+no longer find shifted content (docs/benchmarks.md, "Reading the energies' features at t = 501").
 
 Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
 (DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,
@@ -19,6 +24,7 @@ time travel at steps 22–28). Step indices are given for 50 steps and scale wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +32,7 @@ import torch
 
 from .attention import BankMode, MemoryBank
 from .ddim import DDIMTimesteps, invert_step, predict_x0, sigma, step_to
-from .errors import require_share
+from .errors import InputError, require_share
 from .features import FeatureExtractor, energy_grid, upsample
 from .geometry import grow
 from .inversion import Inversion
@@ -106,6 +112,11 @@ class GuidanceSchedule:
         return self.repeats if guided_edit and i in self.time_travel else 1
 
 
+def nearest_step(steps: DDIMTimesteps, timestep: float) -> int:
+    """Index of the step whose timestep is nearest to `timestep` (the noisier one on a tie)."""
+    return min(range(len(steps)), key=lambda i: abs(steps.timesteps[i] - timestep))
+
+
 @dataclass
 class EditPlan:
     """What an edit changes in the shared sampler: start latent, energy, masks and bank policy.
@@ -135,9 +146,26 @@ class EditPlan:
     statistics: StatisticsMatch | None = None
     """Renormalise the object's latent to a reference object's after the last steps (None: never,
     upstream)."""
+    feature_timestep: float = 0.0
+    """Where the energies read their features at the noisier guided steps: 0 at each step's own
+    noise level (upstream); otherwise at the DDIM step whose timestep is nearest to it (`level`).
+    At a guided step noisier than that one, the current features are those of the step's own
+    prediction brought to the level by a deterministic DDIM step with the step's predicted noise,
+    the reference features those of the inversion's latent at the level, and the gradient with
+    respect to the brought latent is applied to the step's latent as it is."""
 
     def __post_init__(self) -> None:
         require_share("blend_background", self.blend_background, "of the steps")
+        if not math.isfinite(self.feature_timestep) or self.feature_timestep < 0:
+            raise InputError(
+                f"feature_timestep must be a timestep ≥ 0 (0: each step's own), "
+                f"got {self.feature_timestep}"
+            )
+
+    def level(self, steps: DDIMTimesteps) -> int | None:
+        """Index of the step at whose noise level the energies read features at every noisier
+        guided step, or None (each step reads at its own level)."""
+        return None if self.feature_timestep == 0 else nearest_step(steps, self.feature_timestep)
 
     def blend_steps(self, num_steps: int) -> int:
         """How many steps, from the first, end with the background blended back."""
@@ -249,8 +277,25 @@ class Sampler:
         if self.set_image_prompt is not None:
             self.set_image_prompt(on)
 
+    def __post_init__(self) -> None:
+        self.level = self.plan.level(self.steps)
+        self.level_reference: list[torch.Tensor] | None = None
+
+    def reads_at_level(self, i: int) -> bool:
+        """Whether step i's energies read their features at the plan's level (it is noisier)."""
+        return self.level is not None and self.steps.timesteps[i] > self.steps.timesteps[self.level]
+
     def reference_features(self, i: int) -> list[torch.Tensor]:
-        """Features of the trajectory latents at step i (every image of the inversion)."""
+        """Features of the trajectory latents at step i (every image of the inversion); at the
+        plan's level instead for a step noisier than that (computed once)."""
+        if self.reads_at_level(i):
+            if self.level_reference is None:
+                self.level_reference = self.trajectory_features(self.level)
+            return self.level_reference
+        return self.trajectory_features(i)
+
+    def trajectory_features(self, i: int) -> list[torch.Tensor]:
+        """Features of the inversion's latents at step i, on the energy grid."""
         z_ref = self.inversion.at_step(i)
         text = self.inversion.text[:1].expand(len(z_ref), -1, -1)
         self.counts.features += len(z_ref)
@@ -273,8 +318,12 @@ class Sampler:
         guided_eps = eps
         if reference is not None:
             text = self.inversion.text[:1]
+            z_read, t_read = z, t
+            if self.reads_at_level(i):
+                z_read = invert_step(z, eps, steps.alpha[i], steps.alpha[self.level])
+                t_read = steps.timesteps[self.level]
             guided_eps = eps + energy_gradient(
-                self.features, plan, z, t, text, reference, self.counts
+                self.features, plan, z_read, t_read, text, reference, self.counts
             )
         x0 = predict_x0(z, guided_eps, steps.alpha[i])
         if i in self.schedule.sde and plan.sde_mask is not None:

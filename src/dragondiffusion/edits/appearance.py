@@ -32,6 +32,7 @@ class AppearanceWeights:
     w_edit: float = 3.5
     w_content: float = 5.0
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
+    feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
     match_statistics: float = 0.0
     """Not upstream: share of the steps, from the last, after each of which the object's latent
     takes the reference object's per-channel mean and spread at the same noise level (AdaIN on
@@ -85,6 +86,7 @@ def plan_appearance(
         energy_scale=w.energy_scale,
         k=w.k,
         blend_background=w.blend_background,
+        feature_timestep=w.feature_timestep,
         sde_mask=base_latent,
         composite_masks=(mask, reference_mask),
         statistics=statistics,

@@ -44,6 +44,7 @@ class DragWeights:
     w_content: float = 6.0
     w_inpaint: float = 0.2
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
+    feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def plan_drag(
         energy_scale=w.energy_scale,
         k=w.k,
         blend_background=w.blend_background,
+        feature_timestep=w.feature_timestep,
         sde_mask=editable_latent,
         params={
             "cells": [[list(p.handle), list(p.target)] for p in pairs],

@@ -51,6 +51,7 @@ class PasteWeights:
     w_edit: float = 4.0
     w_content: float = 6.0
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
+    feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
     match_statistics: float = 0.0
     """Not upstream: share of the steps, from the last, after each of which the pasted object's
     latent takes the reference object's per-channel mean and spread at the same noise level (as
@@ -124,6 +125,7 @@ def plan_paste(
         energy_scale=w.energy_scale,
         k=w.k,
         blend_background=w.blend_background,
+        feature_timestep=w.feature_timestep,
         sde_mask=pasted_latent,
         composite_masks=(pasted_full.float(), reference_mask),
         statistics=statistics,
