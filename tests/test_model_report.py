@@ -559,8 +559,13 @@ def test_report_rows_read_at_the_level_carry_the_target():
     lead = "| feature correspondence error, t = "
     own = rows[f"{lead}261, noised, up_blocks[2] (16×16 cells; energies of move)"]
     assert own.endswith("| 0.20 cells | ≤ 1 cell |"), "at or below the level: its own rows"
+    # Moves read move's block at the level, resizes still here: the target stays.
     key = f"{lead}741, noised, up_blocks[2] (16×16 cells; energies of move; read at t = 501 "
-    assert rows[key + "by move, appearance)"].endswith("| 3.00 cells | – |")
+    assert rows[key + "by move, resize here)"].endswith("| 3.00 cells | ≤ 1 cell |")
+    key = f"{lead}741, noised, up_blocks[1] + up_blocks[2], summed cosines (16×16 cells; "
+    assert rows[key + "energies of appearance; read at t = 501 by appearance)"].endswith(
+        "| 2.50 cells | – |"
+    )
     level = rows[f"{lead}741, DDIM-inverted, read at t = 501, up_blocks[2] (16×16 cells; "
                  "energies of move)"]  # fmt: skip
     assert level.endswith("| 3 scenes | 0.40 cells | ≤ 1 cell |")

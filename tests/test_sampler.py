@@ -115,7 +115,7 @@ def test_noisier_steps_read_features_at_the_level(pipe, inversion, monkeypatch):
 
     def fake_gradient(features, plan, z, t, text, reference, counts):
         seen.append((z.clone(), t, reference))
-        return torch.zeros_like(z)
+        return torch.full_like(z, 0.3)
 
     monkeypatch.setattr(sampler_module, "energy_gradient", fake_gradient)
     s = level_sampler(pipe, inversion, 520.0, guided={0, 2, 6})
@@ -128,12 +128,17 @@ def test_noisier_steps_read_features_at_the_level(pipe, inversion, monkeypatch):
     assert s.counts.features == calls + len(inversion.latents[0])
     for got, want in zip(level_features, s.trajectory_features(4), strict=True):
         assert torch.equal(got, want)
+    assert s.reference_features(4) is level_features, "and reused at the level's own step"
     own = s.reference_features(6)
     assert not torch.equal(own[0], level_features[0])
     z = inversion.at_step(0)[:1]
     with torch.no_grad():
         eps = pipe.unet(z, steps.timesteps[0], encoder_hidden_states=s.cond).sample
-        s.step(0, z, level_features)
+        out = s.step(0, z, level_features)
+    # The gradient at the brought latent enters x̂0 as it is (no chain-rule factor).
+    a, a_next = steps.alpha[0], steps.alpha_next[0]
+    assert torch.allclose(out, step_to(predict_x0(z, eps + 0.3, a), eps, a_next), atol=1e-5)
+    with torch.no_grad():
         z6 = inversion.at_step(6)[:1]
         s.step(6, z6, own)
     (z_read, t_read, reference), (z_own, t_own, _) = seen
@@ -147,7 +152,8 @@ def test_the_level_is_off_by_default_and_checked(pipe, inversion):
     s = level_sampler(pipe, inversion, 0.0, guided={0})
     assert s.level is None and not s.reads_at_level(0)
     assert torch.equal(s.reference_features(0)[0], s.trajectory_features(0)[0])
-    assert level_sampler(pipe, inversion, 5000.0, guided={0}).level == 0, "never noisier"
-    for bad in (-1.0, float("nan"), float("inf")):
+    top = level_sampler(pipe, inversion, 5000.0, guided={0})
+    assert top.level == 0 and not top.reads_at_level(0), "no step is noisier than the first"
+    for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(InputError, match="feature_timestep"):
             level_sampler(pipe, inversion, bad, guided={0})

@@ -806,7 +806,8 @@ def feature_level(pipe) -> tuple[int | None, list[str]]:
     """The timestep at which the model's edits read their energies' features at noisier guided
     steps (`feature_timestep` of its edit weights, on the grid of an INVERSION_STEPS-step run, as
     the sampler puts it), and the edits that do; (None, []) where every edit reads at each step's
-    own level. Where edits name different levels, the one most of them name."""
+    own level. Where edits name different levels, the one most of them name. A move's level holds
+    for scale 1 only: a resize reads at each step's own level (`plan_move`)."""
     steps = DDIMTimesteps(pipe.scheduler, INVERSION_STEPS)
     levels: dict[int, list[str]] = {}
     for edit in WEIGHTS:
@@ -1118,12 +1119,16 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
     for (how, measured, read_at_level), t in itertools.product(protocols, report.correspondence):
         for block, error in measured.get(t, {}).items():
             compared, who = energy_users(report, block)
-            used = compared
-            if level is not None and t > level and not read_at_level:
-                # Edits that read at the level compare these features only in its rows.
-                used = [e for e in compared if e not in report.level_edits]
-                if len(used) < len(compared):
-                    who += f"; read at t = {level} by {', '.join(report.level_edits)}"
+            at_level = [e for e in compared if e in report.level_edits]
+            used = at_level if read_at_level else compared
+            if level is not None and t > level and not read_at_level and at_level:
+                # Edits that read at the level compare these features only in its rows; a
+                # resize (a move with scale ≠ 1) still reads at each step's own level.
+                used = [e for e in compared if e not in at_level]
+                who += f"; read at t = {level} by {', '.join(at_level)}"
+                if "move" in at_level:
+                    used.append("resize")
+                    who += ", resize here"
             side = report.feature_grids[block]
             what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
             lines.append(
@@ -1182,8 +1187,10 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
             f"t = {level} at every noisier guided step (`feature_timestep` in its "
             "dragondiffusion.json): the step's own latent is brought there by one deterministic "
             "DDIM step with the UNet's predicted noise, and the reference features are the "
-            f"inversion's at t = {level}; the rows 'read at t = {level}' measure exactly that "
-            "(the first image read at the level, the shifted one brought there from t). "
+            f"inversion's at t = {level}; the rows 'read at t = {level}' measure that (the first "
+            "image read at the level, the shifted one brought there from t by one plain "
+            "conditional UNet pass: the sampler's predicted noise also carries the memory bank). "
+            "A resize (a move with another scale) reads at each step's own level. "
             if level is not None
             else "each guided step's own. "
         )

@@ -480,7 +480,11 @@ class DragonPipeline(StableDiffusionPipeline):
                 set_image_prompt=set_image_prompt,
                 callback=lambda _: bar.update(),
             ).run()
-        level = plan.level(steps)
+        # Where the energies read their features at noisier steps, if any guided step is.
+        level = plan.level(steps) if plan.energy_scale > 0 else None
+        read_at = None
+        if level is not None and any(i < level for i in schedule.guided):
+            read_at = steps.timesteps[level]
         image = self.decode(z)
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
@@ -519,7 +523,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "output_size": list(image.size),
             "keep_background": options.keep_background,
             "feature_blocks": list(self.features_for(plan.edit).blocks),
-            "features_read_at": None if level is None else steps.timesteps[level],
+            "features_read_at": read_at,
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
             "image_prompt": self.image_prompt_record(inversion, schedule, options),

@@ -156,7 +156,8 @@ class EditPlan:
 
     def __post_init__(self) -> None:
         require_share("blend_background", self.blend_background, "of the steps")
-        if not math.isfinite(self.feature_timestep) or self.feature_timestep < 0:
+        t = self.feature_timestep
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise InputError(
                 f"feature_timestep must be a timestep ≥ 0 (0: each step's own), "
                 f"got {self.feature_timestep}"
@@ -287,8 +288,9 @@ class Sampler:
 
     def reference_features(self, i: int) -> list[torch.Tensor]:
         """Features of the trajectory latents at step i (every image of the inversion); at the
-        plan's level instead for a step noisier than that (computed once)."""
-        if self.reads_at_level(i):
+        plan's level instead for a step noisier than that (computed once, and reused at the
+        level's own step)."""
+        if self.reads_at_level(i) or (self.level is not None and i == self.level):
             if self.level_reference is None:
                 self.level_reference = self.trajectory_features(self.level)
             return self.level_reference
