@@ -633,10 +633,10 @@ def own_area(size: Size) -> int:
 
 def check_move(
     pipe, photos: dict[str, PIL.Image.Image], task: PhotoMove, resolution: int | None
-) -> None:
+) -> int:
     """Raise InputError unless the photos hold the task's photo at its size, the shift keeps
     the object inside it, and `resolution` is a valid working resolution (None: the photo's own
-    area)."""
+    area); returns that resolution."""
     if task.photo not in photos:
         raise InputError(
             f"the photo move needs the {task.photo!r} photo, but the photos are "
@@ -654,7 +654,10 @@ def check_move(
             f"moving the object by {task.shift} px takes part of it out of the "
             f"{photo.width}×{photo.height} photo; choose a smaller shift"
         )
-    pipe.working_size(photo.size, own_area(photo.size) if resolution is None else resolution)
+    if resolution is None:
+        resolution = own_area(photo.size)
+    pipe.working_size(photo.size, resolution)
+    return resolution
 
 
 def photo_move(
@@ -671,9 +674,7 @@ def photo_move(
     it, also with the background kept (`with_background_kept`, no second sampling); returns the
     numbers, the edited photo and the edited photo with its background kept."""
     photo = photo.convert("RGB")
-    check_move(pipe, {task.photo: photo}, task, resolution)
-    if resolution is None:
-        resolution = own_area(photo.size)
+    resolution = check_move(pipe, {task.photo: photo}, task, resolution)
     mask = polygon_mask(photo.size, task.polygon)
     started = time.perf_counter()
     source = centroid(mask)
@@ -827,8 +828,7 @@ def mean(values: Iterable[float]) -> float:
 
 def own_size(pipe, photo: PIL.Image.Image) -> PIL.Image.Image:
     """A photo at about its own area, sides rounded to the model's size multiple."""
-    area = round(math.sqrt(photo.width * photo.height))
-    return model_input(pipe, photo, pipe.working_size(photo.size, area))
+    return model_input(pipe, photo, pipe.working_size(photo.size, own_area(photo.size)))
 
 
 def normalised_entropy(weights: torch.Tensor) -> torch.Tensor:

@@ -465,7 +465,7 @@ class DragonPipeline(StableDiffusionPipeline):
         gate = self.image_prompt_gate(inversion, schedule.image_prompt, options.ip_scale)
         with self.progress_bar(total=len(steps)) as bar, gate as set_image_prompt:
             bar.set_description(plan.edit)
-            z = Sampler(
+            sampler = Sampler(
                 unet=self.unet,
                 features=self.features_for(plan.edit),
                 bank=self.memory_bank,
@@ -479,12 +479,8 @@ class DragonPipeline(StableDiffusionPipeline):
                 generator=torch.Generator().manual_seed(options.seed),
                 set_image_prompt=set_image_prompt,
                 callback=lambda _: bar.update(),
-            ).run()
-        # Where the energies read their features at noisier steps, if any guided step is.
-        level = plan.level(steps) if plan.energy_scale > 0 else None
-        read_at = None
-        if level is not None and any(i < level for i in schedule.guided):
-            read_at = steps.timesteps[level]
+            )
+            z = sampler.run()
         image = self.decode(z)
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
@@ -523,7 +519,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "output_size": list(image.size),
             "keep_background": options.keep_background,
             "feature_blocks": list(self.features_for(plan.edit).blocks),
-            "features_read_at": read_at,
+            "features_read_at": sampler.features_read_at(),
             "device": str(self.device),
             "dtype": str(self.unet.dtype).removeprefix("torch."),
             "image_prompt": self.image_prompt_record(inversion, schedule, options),

@@ -283,14 +283,22 @@ class Sampler:
         self.level_reference: list[torch.Tensor] | None = None
 
     def reads_at_level(self, i: int) -> bool:
-        """Whether step i's energies read their features at the plan's level (it is noisier)."""
-        return self.level is not None and self.steps.timesteps[i] > self.steps.timesteps[self.level]
+        """Whether step i's energies read their features at the plan's level (it is noisier:
+        timesteps fall with the step index)."""
+        return self.level is not None and i < self.level
+
+    def features_read_at(self) -> int | None:
+        """The level's timestep where some guided step of this run reads its features there,
+        else None (also without an energy: nothing is guided)."""
+        if self.plan.energy_scale <= 0 or not any(map(self.reads_at_level, self.schedule.guided)):
+            return None
+        return self.steps.timesteps[self.level]
 
     def reference_features(self, i: int) -> list[torch.Tensor]:
         """Features of the trajectory latents at step i (every image of the inversion); at the
         plan's level instead for a step noisier than that (computed once, and reused at the
         level's own step)."""
-        if self.reads_at_level(i) or (self.level is not None and i == self.level):
+        if self.level is not None and i <= self.level:
             if self.level_reference is None:
                 self.level_reference = self.trajectory_features(self.level)
             return self.level_reference
