@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import dragondiffusion
@@ -34,6 +35,8 @@ def test_overrides_replace_only_the_named_weights(tmp_path):
         ('{"weights": {"move": {"energy_scale": -1}}}', "finite and ≥ 0"),
         ('{"weights": {"paste": {"blend_background": 2}}}', r"blend_background must lie in \[0, 1"),
         ('{"weights": {"move": [1, 2]}}', "object of numbers"),
+        ('{"weights": {"drag": {"feature_substeps": 0}}}', "feature_substeps must be a whole"),
+        ('{"weights": {"drag": {"feature_substeps": 1.5}}}', "whole number of DDIM steps"),
         ('{"weights": {"move": {"k": 1' + "0" * 400 + "}}}", "finite and ≥ 0"),
         ("{}", "each optional"),
         ('{"weights": {}, "layers": [2]}', "each optional"),
@@ -95,6 +98,22 @@ def test_moves_read_features_at_the_weights_level_and_resizes_at_their_own(pipe,
     levelled_drag = DragWeights(feature_timestep=300.0)
     dragged = pipe.drag(inversion, scene[1], [((35, 45), (45, 45))], weights=levelled_drag)
     assert dragged.record["features_read_at"] == 301
+
+
+def test_substeps_cost_one_plain_pass_per_further_step_and_are_recorded(pipe, inversion, scene):
+    """Drag at 10 steps reads at t = 301 (step 6) from its guided steps 0, 1, 2 and 4 (step 4
+    runs 3 times: time travel): two substeps cost one plain conditional pass per run, 6 in all,
+    and change nothing else that is counted."""
+    moves = [((35, 45), (45, 45))]
+    one = pipe.drag(inversion, scene[1], moves, weights=DragWeights(feature_timestep=300.0))
+    two = pipe.drag(
+        inversion, scene[1], moves, weights=DragWeights(feature_timestep=300.0, feature_substeps=2)
+    )
+    assert two.record["schedule"]["guided"] == [0, 1, 2, 4]
+    assert one.record["evaluations"]["bring"] == 0 and two.record["evaluations"]["bring"] == 6
+    assert two.record["evaluations"]["forward"] == one.record["evaluations"]["forward"] + 6
+    assert two.record["weights"]["feature_substeps"] == 2
+    assert not np.array_equal(np.asarray(one.image), np.asarray(two.image))
 
 
 def test_a_bundle_can_name_the_feature_blocks_of_its_energies(tiny_bundle, tmp_path, scene):

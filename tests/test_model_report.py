@@ -5,6 +5,7 @@ does that for the trained embedded model.
 """
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import PIL.Image
@@ -535,6 +536,66 @@ def test_read_at_brings_the_shifted_latent_to_the_level(pipe, monkeypatch):
     assert torch.allclose(second, brought, atol=1e-5)
 
 
+def test_read_at_in_substeps_follows_the_level_path(pipe, monkeypatch):
+    """Two substeps from t = 741 to 501 on the 50-step grid: through t = 621, one plain
+    conditional pass at each end of the way down; off the grid, a clear error."""
+    scene = scenes.random_scene(4)
+    kept: dict = {}
+    seen = []
+    features = pipe.features
+
+    def recording(z, t, text):
+        seen.append(z.clone())
+        return features(z, t, text)
+
+    monkeypatch.setattr(pipe, "features", recording)
+    monkeypatch.setattr(recording, "blocks", features.blocks, raising=False)
+    correspondence_errors(
+        pipe, scene, timestep=741, latents="inverted", cache=kept, read_at=501, substeps=2
+    )
+    moved, _ = scenes.render(shifted(scene, 16, 16))
+    z, _ = model_report.inverted_latent(pipe, moved, scenes.caption(scene), 741, kept)
+    text = pipe.encode_text(scenes.caption(scene))[0]
+    alpha = pipe.scheduler.alphas_cumprod
+    with torch.no_grad():
+        for a, b in ((741, 621), (621, 501)):
+            eps = pipe.unet(z, torch.tensor([a]), encoder_hidden_states=text).sample
+            z = invert_step(z, eps, float(alpha[a]), float(alpha[b]))
+    assert torch.allclose(seen[1], z, atol=1e-5)
+    image, _ = scenes.render(scene)
+    with pytest.raises(InputError, match="on the grid of a 50-step run"):
+        model_report.decoder_features(
+            pipe, image, "", 750, None, "noised", None, read_at=501, substeps=2
+        )
+
+
+def test_each_comparison_is_read_at_the_level_in_its_edits_substeps(pipe, monkeypatch):
+    """Move compares the finer block alone in one step, the others both blocks summed in two:
+    one pass over the scenes per number of substeps, each block's rows from its own."""
+    defaults = EditDefaults(
+        {e: {"feature_timestep": 500.0, "feature_substeps": 2.0} for e in WEIGHTS if e != "move"}
+        | {"move": {"feature_timestep": 500.0}},
+        "test",
+        feature_blocks={"move": (2,)},
+    )
+    monkeypatch.setattr(pipe, "edit_defaults", defaults)
+    calls = []
+
+    def fake(pipe, seeds, t, *, latents, cache, read_at, substeps):
+        calls.append((t, read_at, substeps))
+        keys = ("up_blocks[1]", "up_blocks[2]", "up_blocks[1]+up_blocks[2]")
+        return {key: 10 * substeps + index for index, key in enumerate(keys)}
+
+    monkeypatch.setattr(model_report, "mean_correspondence", fake)
+    level, edits = feature_level(pipe)
+    assert level == 501
+    found, steps = model_report.correspondence_at_level(pipe, [0], (261, 741, 981), level, edits)
+    assert steps == {"up_blocks[1]": 2, "up_blocks[2]": 1, "up_blocks[1]+up_blocks[2]": 2}
+    assert calls == [(741, 501, 1), (741, 501, 2), (981, 501, 1), (981, 501, 2)]
+    assert found[741] == {"up_blocks[1]": 20, "up_blocks[2]": 11, "up_blocks[1]+up_blocks[2]": 22}
+    assert set(found) == {741, 981}
+
+
 def test_feature_level_is_where_most_edits_read(pipe, monkeypatch):
     assert feature_level(pipe) == (None, [])
     overrides = {"move": {"feature_timestep": 520.0}, "drag": {"feature_timestep": 520.0}}
@@ -542,6 +603,11 @@ def test_feature_level_is_where_most_edits_read(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "edit_defaults", EditDefaults(overrides, "test"))
     # On a 50-step run's grid (981, 961, …, 521, 501, …): 520 → 521.
     assert feature_level(pipe) == (521, ["move", "drag"])
+    assert model_report.feature_substeps(pipe, ["move", "drag"]) == 1
+    overrides["move"]["feature_substeps"] = 2.0
+    overrides["drag"]["feature_substeps"] = 2.0
+    monkeypatch.setattr(pipe, "edit_defaults", EditDefaults(overrides, "test"))
+    assert model_report.feature_substeps(pipe, ["move", "drag", "paste"]) == 2
 
 
 def test_report_rows_read_at_the_level_carry_the_target():
@@ -553,7 +619,9 @@ def test_report_rows_read_at_the_level_carry_the_target():
         feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16},
         energy_blocks={"up_blocks[2]": ["move"], "up_blocks[1]+up_blocks[2]": ["appearance"]},
         feature_level=501, level_edits=["move", "appearance"],
-        correspondence_at_level={"inverted": {741: {"up_blocks[2]": 0.4}}},
+        correspondence_at_level={
+            "inverted": {741: {"up_blocks[2]": 0.4, "up_blocks[1]+up_blocks[2]": 0.9}}
+        },
     )  # fmt: skip
     rows = {line.split(" | ")[0]: line for line in markdown(report, {}).splitlines()}
     lead = "| feature correspondence error, t = "
@@ -570,3 +638,17 @@ def test_report_rows_read_at_the_level_carry_the_target():
                  "energies of move)"]  # fmt: skip
     assert level.endswith("| 3 scenes | 0.40 cells | ≤ 1 cell |")
     assert "read their features at t = 501 at every noisier guided step" in markdown(report, {})
+    assert "by one deterministic DDIM step with the UNet's predicted noise, and" in markdown(
+        report, {}
+    )
+    mixed = replace(report, level_substeps={"up_blocks[2]": 1, "up_blocks[1]+up_blocks[2]": 2})
+    text = markdown(mixed, {})
+    assert "by one deterministic DDIM step with the UNet's predicted noise (move) or by 2 " in text
+    assert "each with the UNet's predicted noise (appearance), and" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines()}
+    summed_row = (
+        f"{lead}741, DDIM-inverted, read at t = 501 in 2 DDIM steps, up_blocks[1] + "
+        "up_blocks[2], summed cosines (16×16 cells; energies of appearance)"
+    )
+    assert rows[summed_row].endswith("| 0.90 cells | ≤ 1 cell |")
+    assert f"{lead}741, DDIM-inverted, read at t = 501, up_blocks[2] (16×16 cells; " in text

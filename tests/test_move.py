@@ -118,6 +118,7 @@ def test_move_end_to_end_counts_and_record(pipe, scene):
         "features": 60,
         "backward": 60,
         "rollback": 0,
+        "bring": 0,
         "forward": 210,
     }
     assert rec["schedule"]["guided"] == list(range(30))
@@ -210,6 +211,7 @@ def test_a_shift_keeps_the_latent_cells_the_object_partly_covers(inversion):
     [
         (dict(resolution=-128), "resolution must be a positive"),
         (dict(resolution=0), "resolution must be a positive"),
+        (dict(resolution=10), "resolution 10 px is below this model's smallest working size"),
         (dict(num_inference_steps=5000), "training timesteps"),
     ],
 )

@@ -92,13 +92,14 @@ def test_background_blending_is_a_share_of_the_steps():
             replace(plan, blend_background=bad)
 
 
-def level_sampler(pipe, inversion, feature_timestep, guided):
-    """A sampler over `inversion` whose plan reads features at `feature_timestep`."""
+def level_sampler(pipe, inversion, feature_timestep, guided, substeps=1):
+    """A sampler over `inversion` whose plan reads features at `feature_timestep`, brought there
+    in `substeps` DDIM steps."""
     z = inversion.latents[-1]
     n = inversion.num_steps
     plan = EditPlan(
         "test", z, None, torch.ones(1), BankMode.OFF, range(0), 1.0, 1.0, 1.0,
-        feature_timestep=feature_timestep,
+        feature_timestep=feature_timestep, feature_substeps=substeps,
     )  # fmt: skip
     cond, uncond = pipe.encode_text(inversion.prompts[0])
     return Sampler(
@@ -157,3 +158,39 @@ def test_the_level_is_off_by_default_and_checked(pipe, inversion):
     for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(InputError, match="feature_timestep"):
             level_sampler(pipe, inversion, bad, guided={0})
+
+
+def test_level_path_splits_the_way_down_in_equal_jumps():
+    assert sampler_module.level_path(0, 24, 1) == [0, 24]
+    assert sampler_module.level_path(0, 24, 2) == [0, 12, 24]
+    assert sampler_module.level_path(0, 9, 3) == [0, 3, 6, 9]
+    assert sampler_module.level_path(2, 9, 2) == [2, 6, 9]  # round(3.5) is 4: half to even
+    assert sampler_module.level_path(3, 4, 3) == [3, 4], "no more jumps than steps"
+
+
+def test_substeps_bring_the_prediction_down_step_by_step(pipe, inversion):
+    """Two substeps: the step's own noise to the midpoint, one plain conditional pass there, then
+    on to the level; counted as `bring` passes. One substep is the single jump."""
+    s = level_sampler(pipe, inversion, 520.0, guided={0}, substeps=2)
+    steps, z = s.steps, inversion.at_step(0)[:1]
+    assert s.level == 4
+    with torch.no_grad():
+        eps = pipe.unet(z, steps.timesteps[0], encoder_hidden_states=s.cond).sample
+        brought = s.bring(0, z, eps)
+        mid = invert_step(z, eps, steps.alpha[0], steps.alpha[2])
+        eps_mid = pipe.unet(mid, steps.timesteps[2], encoder_hidden_states=s.cond).sample
+        want = invert_step(mid, eps_mid, steps.alpha[2], steps.alpha[4])
+        one = level_sampler(pipe, inversion, 520.0, guided={0}).bring(0, z, eps)
+    assert torch.allclose(brought, want, atol=1e-5)
+    assert s.counts.bring == 1 and s.counts.as_dict()["forward"] == 1
+    assert torch.allclose(one, invert_step(z, eps, steps.alpha[0], steps.alpha[4]), atol=1e-5)
+    assert not torch.allclose(brought, one, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -2.0, float("nan"), float("inf"), True, "2"])
+def test_substeps_are_a_whole_number(pipe, inversion, bad):
+    with pytest.raises(InputError, match="feature_substeps must be a whole number"):
+        level_sampler(pipe, inversion, 520.0, guided={0}, substeps=bad)
+    assert (
+        level_sampler(pipe, inversion, 520.0, guided={0}, substeps=3.0).plan.feature_substeps == 3
+    )

@@ -54,13 +54,17 @@ def test_regional_sde_step():
 #   backward passes; trajectory features once per guided step (they do not change between runs):
 #   20 per image; 2 rollbacks per time-travel step (none after the last run) = 8.
 GOLDEN = {
-    ("move", "dragon"): dict(inversion=50, denoise=100, features=60, backward=60, rollback=0),
-    ("move", "diffeditor"): dict(inversion=50, denoise=116, features=48, backward=56, rollback=8),
+    ("move", "dragon"): dict(
+        inversion=50, denoise=100, features=60, backward=60, rollback=0, bring=0
+    ),
+    ("move", "diffeditor"): dict(
+        inversion=50, denoise=116, features=48, backward=56, rollback=8, bring=0
+    ),
     ("appearance", "dragon"): dict(
-        inversion=100, denoise=100, features=90, backward=60, rollback=0
+        inversion=100, denoise=100, features=90, backward=60, rollback=0, bring=0
     ),
     ("appearance", "diffeditor"): dict(
-        inversion=100, denoise=116, features=68, backward=56, rollback=8
+        inversion=100, denoise=116, features=68, backward=56, rollback=8, bring=0
     ),
 }
 

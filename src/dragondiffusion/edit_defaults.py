@@ -52,6 +52,8 @@ def weight_problem(name: str, value: float) -> str | None:
         return "must be finite and ≥ 0"
     if value > UPPER_BOUNDS.get(name, math.inf):
         return f"must lie in [0, {UPPER_BOUNDS[name]:g}]"
+    if name == "feature_substeps" and (value < 1 or value != int(value)):
+        return "must be a whole number of DDIM steps ≥ 1"
     return None
 
 

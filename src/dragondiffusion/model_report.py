@@ -48,7 +48,7 @@ from .errors import InputError
 from .figures import annotate, contact_sheet
 from .geometry import Point, Size, dilate, mask_to_grid
 from .io import atomic_write
-from .sampler import nearest_step
+from .sampler import level_path, nearest_step, require_substeps
 
 SAMPLE_CAPTIONS = (
     "a red circle on a blue floor",
@@ -347,6 +347,23 @@ def inverted_latent(
     return z, torch.tensor([timestep], device=pipe.device)
 
 
+def level_timesteps(pipe, timestep: int, read_at: int | None, substeps: int) -> list[int]:
+    """The timesteps from `timestep` down to `read_at` in `substeps` DDIM steps (more than one:
+    along `level_path` on an INVERSION_STEPS-step grid), both ends included; [] where nothing
+    is brought (`read_at` None or not below `timestep`)."""
+    if read_at is None or read_at >= timestep:
+        return []
+    if require_substeps(substeps) == 1:
+        return [timestep, read_at]
+    grid = DDIMTimesteps(pipe.scheduler, INVERSION_STEPS).timesteps
+    if timestep not in grid or read_at not in grid:
+        raise InputError(
+            f"substeps > 1 need t = {timestep} and read_at = {read_at} on the grid of a "
+            f"{INVERSION_STEPS}-step run ({grid[0]}, {grid[1]}, …, {grid[-1]})"
+        )
+    return [grid[i] for i in level_path(grid.index(timestep), grid.index(read_at), substeps)]
+
+
 @torch.no_grad()
 def decoder_features(
     pipe,
@@ -357,23 +374,28 @@ def decoder_features(
     latents: str = "noised",
     cache: dict | None = None,
     read_at: int | None = None,
+    substeps: int = 1,
 ) -> list[torch.Tensor]:
     """DragonDiffusion's two decoder feature maps (`pipe.features`, whatever blocks an edit's
     energies use), each (C, h, w) at its block's own resolution, of the image's latent at
     `timestep`: noised with `noise`, or its DDIM inversion (`latents` "inverted"; `cache` as in
     `inverted_latent`). With `read_at` below `timestep`, read as the sampler does at a plan's
-    level (`EditPlan.feature_timestep`): the latent brought to `read_at` by one deterministic
-    DDIM step with the UNet's predicted noise, and the features read there."""
+    level (`EditPlan.feature_timestep`): the latent brought to `read_at` by `substeps`
+    deterministic DDIM steps (`EditPlan.feature_substeps`; more than one: along `level_path` on
+    an INVERSION_STEPS-step grid), each with the UNet's predicted noise (one plain conditional
+    pass), and the features read there."""
+    path = level_timesteps(pipe, timestep, read_at, substeps)
     if latents == "inverted":
         zt, t = inverted_latent(pipe, image, prompt, timestep, cache)
     else:
         zt, t = noised_latent(pipe, image, timestep, noise)
     text = pipe.encode_text(prompt)[0]
-    if read_at is not None and read_at < timestep:
+    if path:
         alpha = pipe.scheduler.alphas_cumprod
-        with torch.no_grad():
-            eps = pipe.unet(zt, t, encoder_hidden_states=text).sample
-        zt = invert_step(zt, eps, float(alpha[timestep]), float(alpha[read_at]))
+        for a, b in itertools.pairwise(path):
+            step_t = torch.tensor([a], device=pipe.device)
+            eps = pipe.unet(zt, step_t, encoder_hidden_states=text).sample
+            zt = invert_step(zt, eps, float(alpha[a]), float(alpha[b]))
         t = torch.tensor([read_at], device=pipe.device)
     return [m[0].float() for m in pipe.features(zt, t, text)]
 
@@ -412,6 +434,7 @@ def correspondence_errors(
     latents: str = "noised",
     cache: dict | None = None,
     read_at: int | None = None,
+    substeps: int = 1,
 ) -> dict[str, np.ndarray]:
     """Arg-max-cosine matching errors between a scene and the scene shifted by a known offset.
 
@@ -425,7 +448,8 @@ def correspondence_errors(
     block upsampled to the finest grid (nearest, as the energies do), the sum of their cosine
     similarities, errors in cells of the finest grid. With `read_at` below `timestep`, as the
     energies read at a plan's level: the scene (the reference) at `read_at`, the shifted scene
-    (the edit's current latent) at `timestep` brought to `read_at` (`decoder_features`).
+    (the edit's current latent) at `timestep` brought to `read_at` in `substeps` DDIM steps
+    (`decoder_features`).
     """
     side = scene.size // pipe.vae_scale_factor
     shape = (2, 1, pipe.unet.config.in_channels, side, side)
@@ -439,7 +463,7 @@ def correspondence_errors(
     dx, dy = (o * scene.size / coarsest for o in offset_cells)
     moved_image, moved_masks = scenes.render(shifted(scene, dx, dy))
     second = decoder_features(
-        pipe, moved_image, prompt, timestep, noises[1], latents, cache, read_at
+        pipe, moved_image, prompt, timestep, noises[1], latents, cache, read_at, substeps
     )
 
     def errors_on(
@@ -789,6 +813,10 @@ class ModelReport:
     correspondence_at_level: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     """"noised" / "inverted" → t above the level → as `correspondence`, the shifted scene brought
     from t to `feature_level` and read there, the scene read there ({}: no level)."""
+    level_substeps: dict[str, int] = field(default_factory=dict)
+    """block (or blocks compared together) → in how many DDIM steps its rows of
+    `correspondence_at_level` bring the shifted scene to the level: as the level edits that
+    compare it do (`block_substeps`)."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
@@ -819,6 +847,53 @@ def feature_level(pipe) -> tuple[int | None, list[str]]:
         return None, []
     level = max(levels, key=lambda t: len(levels[t]))
     return level, levels[level]
+
+
+def feature_substeps(pipe, edits: Sequence[str]) -> int:
+    """In how many DDIM steps these edits bring a noisier step's prediction to their level
+    (`feature_substeps` of their weights); where they differ, the number most of them name."""
+    counts = [int(pipe.edit_defaults.weights(edit).feature_substeps) for edit in edits]
+    return max(sorted(set(counts)), key=counts.count) if counts else 1
+
+
+def block_substeps(pipe, level_edits: Sequence[str], blocks: Iterable[str]) -> dict[str, int]:
+    """Each block (or blocks compared together) → the substeps of the level edits that compare
+    exactly it (`energy_blocks`); a comparison no level edit makes: those of all of them."""
+    used = energy_blocks(pipe)
+    fallback = feature_substeps(pipe, level_edits)
+    steps = {}
+    for block in blocks:
+        edits = [e for e in used.get(block, []) if e in level_edits]
+        steps[block] = feature_substeps(pipe, edits) if edits else fallback
+    return steps
+
+
+def correspondence_at_level(
+    pipe,
+    seeds: Sequence[int],
+    timesteps: Iterable[int],
+    level: int,
+    level_edits: Sequence[str],
+    latents: str = "inverted",
+    cache: dict | None = None,
+) -> tuple[dict[int, dict[str, float]], dict[str, int]]:
+    """`mean_correspondence` read at `level` from every noisier timestep, each block (or blocks
+    compared together) brought there in the substeps of the level edits that compare it
+    (`block_substeps`; one pass over the scenes per distinct number); also those numbers."""
+    blocks = [f"up_blocks[{b}]" for b in pipe.features.blocks]
+    if len(blocks) > 1:
+        blocks.append(summed(pipe.features.blocks))
+    steps = block_substeps(pipe, level_edits, blocks)
+    found = {}
+    for t in (t for t in timesteps if t > level):
+        by_steps = {
+            k: mean_correspondence(
+                pipe, seeds, t, latents=latents, cache=cache, read_at=level, substeps=k
+            )
+            for k in sorted(set(steps.values()))
+        }
+        found[t] = {block: by_steps[k][block] for block, k in steps.items()}
+    return found, steps
 
 
 def mean(values: Iterable[float]) -> float:
@@ -878,16 +953,17 @@ def mean_correspondence(
     latents: str = "noised",
     cache: dict | None = None,
     read_at: int | None = None,
+    substeps: int = 1,
 ) -> dict[str, float]:
     """Mean matching error per block over all object cells of the scenes with these seeds
-    (`latents`, `cache`, `read_at`: as in `correspondence_errors`)."""
+    (`latents`, `cache`, `read_at`, `substeps`: as in `correspondence_errors`)."""
     if latents not in LATENTS:
         raise InputError(f"latents must be one of {', '.join(LATENTS)}, not {latents!r}")
     errors: dict[str, list[np.ndarray]] = {}
     for seed in seeds:
         scene = scenes.random_scene(seed, pipe.native_resolution)
         found = correspondence_errors(
-            pipe, scene, offset_cells, timestep, 0, latents, cache, read_at
+            pipe, scene, offset_cells, timestep, 0, latents, cache, read_at, substeps
         )
         for block, e in found.items():
             errors.setdefault(block, []).append(e)
@@ -947,16 +1023,13 @@ def measure(
     }
     level, level_edits = feature_level(pipe)
     at_level: dict[str, dict[int, dict[str, float]]] = {}
+    substeps: dict[str, int] = {}
     if level is not None:
         log(f"the same read at t = {level} from the noisier levels (as {', '.join(level_edits)})")
         for latents in LATENTS:
-            at_level[latents] = {
-                t: mean_correspondence(
-                    pipe, correspondence_seeds, t, latents=latents, cache=kept, read_at=level
-                )
-                for t in timesteps
-                if t > level
-            }
+            at_level[latents], substeps = correspondence_at_level(
+                pipe, correspondence_seeds, timesteps, level, level_edits, latents, kept
+            )
     del kept
     latent = side // pipe.vae_scale_factor
     # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
@@ -1007,6 +1080,7 @@ def measure(
         feature_level=level,
         level_edits=level_edits,
         correspondence_at_level=at_level,
+        level_substeps=substeps,
     )
     report.figures["reconstruction"] = contact_sheet(
         [[images[n], vae[n], trips[n]["plain"], trips[n]["bank"]] for n in trips],
@@ -1131,8 +1205,10 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                     who += ", resize here"
             side = report.feature_grids[block]
             what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
+            brought = report.level_substeps.get(block, 1) if read_at_level else 1
+            steps = f" in {brought} DDIM steps" if brought > 1 else ""
             lines.append(
-                f"| feature correspondence error, t = {t}, {how}, {what} "
+                f"| feature correspondence error, t = {t}, {how}{steps}, {what} "
                 f"({side}×{side} cells{who}) | "
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
                 f"{'≤ 1 cell' if used else '–'} |"
@@ -1185,11 +1261,13 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         + (
             f"the model's edits ({', '.join(report.level_edits)}) read their features at "
             f"t = {level} at every noisier guided step (`feature_timestep` in its "
-            "dragondiffusion.json): the step's own latent is brought there by one deterministic "
-            "DDIM step with the UNet's predicted noise, and the reference features are the "
-            f"inversion's at t = {level}; the rows 'read at t = {level}' measure that (the first "
-            "image read at the level, the shifted one brought there from t by one plain "
-            "conditional UNet pass: the sampler's predicted noise also carries the memory bank). "
+            "dragondiffusion.json): the step's own latent is brought there by "
+            + steps_down(report)
+            + f", and the reference features are the inversion's at t = {level}; the rows "
+            f"'read at t = {level}' measure that (the first image read at the level, the shifted "
+            "one brought there from t the same way, each DDIM step with one plain conditional "
+            "UNet pass: the sampler's first one, its own predicted noise, also carries the "
+            "memory bank). "
             "A resize (a move with another scale) reads at each step's own level. "
             if level is not None
             else "each guided step's own. "
@@ -1233,6 +1311,27 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
     if report.photo_move is not None:
         lines += photo_move_section(report.photo_move, images.get("photo-move"))
     return "\n".join(lines)
+
+
+def steps_down(report: ModelReport) -> str:
+    """How the level edits bring a latent to the level, in words (`level_substeps`)."""
+    edits: dict[int, list[str]] = {}
+    for block, users in report.energy_blocks.items():
+        for edit in users:
+            if edit in report.level_edits:
+                edits.setdefault(report.level_substeps.get(block, 1), []).append(edit)
+
+    def words(k: int) -> str:
+        if k == 1:
+            return "one deterministic DDIM step with the UNet's predicted noise"
+        return (
+            f"{k} deterministic DDIM steps of about equal length on the run's own grid "
+            "(`feature_substeps`), each with the UNet's predicted noise"
+        )
+
+    if len(edits) <= 1:
+        return words(next(iter(edits), 1))
+    return " or by ".join(f"{words(k)} ({', '.join(edits[k])})" for k in sorted(edits))
 
 
 def _px(value: float) -> str:

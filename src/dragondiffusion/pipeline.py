@@ -184,6 +184,12 @@ class DragonPipeline(StableDiffusionPipeline):
                 f"resolution must be a positive whole number of pixels, got {resolution!r}; "
                 f"leave it out for the model's native {self.native_resolution}"
             )
+        if resolution is not None and resolution < self.size_multiple:
+            raise InputError(
+                f"resolution {resolution} px is below this model's smallest working size: its "
+                f"sides are multiples of {self.size_multiple} px; give at least "
+                f"{self.size_multiple}, or leave it out for the native {self.native_resolution}"
+            )
         return working_size(*size, resolution or self.native_resolution, self.size_multiple)
 
     # ---- encoders ---------------------------------------------------------------------------

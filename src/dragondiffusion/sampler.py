@@ -13,7 +13,8 @@ Statistics matching (optional, not upstream's; appearance and paste): after each
 steps the object's latent is renormalised to the reference object's (`latent_statistics`).
 Reading the features at a fixed level (optional, not upstream's; `EditPlan.feature_timestep`):
 at the noisier guided steps the energies compare the features of the step's own prediction,
-brought down to that level by one deterministic DDIM step, with the inversion's features there,
+brought down to that level by deterministic DDIM steps (`feature_substeps`: one by default), with
+the inversion's features there,
 instead of features read at the step's own noise level, where a small model's decoder features
 no longer find shifted content (docs/benchmarks.md, "Reading the energies' features at t = 501").
 
@@ -24,6 +25,7 @@ time travel at steps 22–28). Step indices are given for 50 steps and scale wit
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -117,6 +119,24 @@ def nearest_step(steps: DDIMTimesteps, timestep: float) -> int:
     return min(range(len(steps)), key=lambda i: abs(steps.timesteps[i] - timestep))
 
 
+def level_path(i: int, level: int, substeps: int) -> list[int]:
+    """Step indices from step i down to the level step (i < level) in `substeps` jumps of about
+    equal length on the run's own grid, both ends included (fewer where the steps run out)."""
+    points = (i + round((level - i) * k / substeps) for k in range(substeps + 1))
+    return sorted(set(points))
+
+
+def require_substeps(value: object) -> int:
+    """A whole number of DDIM steps ≥ 1 (also given as a float, as the edit weights are)."""
+    whole = isinstance(value, int | float) and not isinstance(value, bool)
+    if not whole or not math.isfinite(value) or value < 1 or value != int(value):
+        raise InputError(
+            f"feature_substeps must be a whole number of DDIM steps ≥ 1 (1: one step), "
+            f"got {value!r}"
+        )
+    return int(value)
+
+
 @dataclass
 class EditPlan:
     """What an edit changes in the shared sampler: start latent, energy, masks and bank policy.
@@ -150,9 +170,14 @@ class EditPlan:
     """Where the energies read their features at the noisier guided steps: 0 at each step's own
     noise level (upstream); otherwise at the DDIM step whose timestep is nearest to it (`level`).
     At a guided step noisier than that one, the current features are those of the step's own
-    prediction brought to the level by a deterministic DDIM step with the step's predicted noise,
-    the reference features those of the inversion's latent at the level, and the gradient with
-    respect to the brought latent is applied to the step's latent as it is."""
+    prediction brought to the level by deterministic DDIM steps (`feature_substeps`), the first
+    with the step's predicted noise; the reference features are those of the inversion's latent
+    at the level; the gradient with respect to the brought latent is applied to the step's latent
+    as it is."""
+    feature_substeps: int = 1
+    """In how many deterministic DDIM steps a noisier step's prediction is brought to the level
+    (`level_path` on the run's grid): the first with the step's own predicted noise, each further
+    one with one more plain conditional UNet pass (no gradient through it). 1: one jump."""
 
     def __post_init__(self) -> None:
         require_share("blend_background", self.blend_background, "of the steps")
@@ -162,6 +187,7 @@ class EditPlan:
                 f"feature_timestep must be a timestep ≥ 0 (0: each step's own), "
                 f"got {self.feature_timestep}"
             )
+        self.feature_substeps = require_substeps(self.feature_substeps)
 
     def level(self, steps: DDIMTimesteps) -> int | None:
         """Index of the step at whose noise level the energies read features at every noisier
@@ -184,11 +210,14 @@ class Evaluations:
     features: int = 0
     backward: int = 0
     rollback: int = 0
+    bring: int = 0
+    """Plain conditional passes that bring a noisier step's prediction to the plan's level
+    (`EditPlan.feature_substeps` > 1)."""
 
     @property
     def forward(self) -> int:
         """All forward passes; feature passes stop after the second-to-last decoder block."""
-        return self.inversion + self.denoise + self.features + self.rollback
+        return self.inversion + self.denoise + self.features + self.rollback + self.bring
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "forward": self.forward}
@@ -330,8 +359,7 @@ class Sampler:
             text = self.inversion.text[:1]
             z_read, t_read = z, t
             if self.reads_at_level(i):
-                z_read = invert_step(z, eps, steps.alpha[i], steps.alpha[self.level])
-                t_read = steps.timesteps[self.level]
+                z_read, t_read = self.bring(i, z, eps), steps.timesteps[self.level]
             guided_eps = eps + energy_gradient(
                 self.features, plan, z_read, t_read, text, reference, self.counts
             )
@@ -349,6 +377,18 @@ class Sampler:
                 noise,
             )
         return step_to(x0, eps, steps.alpha_next[i])
+
+    def bring(self, i: int, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Step i's latent z (noisier than the level) brought to the level by deterministic DDIM
+        steps along `level_path`: the first with the step's own noise `eps`, each further one
+        with a plain conditional UNet pass (no bank, no image prompt, no CFG)."""
+        alpha, path = self.steps.alpha, level_path(i, self.level, self.plan.feature_substeps)
+        for a, b in itertools.pairwise(path):
+            if a != i:
+                eps = self.unet(z, self.steps.timesteps[a], encoder_hidden_states=self.cond).sample
+                self.counts.bring += z.shape[0]
+            z = invert_step(z, eps, alpha[a], alpha[b])
+        return z
 
     def rollback(self, i: int, z_next: torch.Tensor) -> torch.Tensor:
         """Time travel: one deterministic inversion step from step i's output back to its input

@@ -33,6 +33,7 @@ class AppearanceWeights:
     w_content: float = 5.0
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
     feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
+    feature_substeps: float = 1.0  # not upstream: see sampler.EditPlan
     match_statistics: float = 0.0
     """Not upstream: share of the steps, from the last, after each of which the object's latent
     takes the reference object's per-channel mean and spread at the same noise level (AdaIN on
@@ -87,6 +88,7 @@ def plan_appearance(
         k=w.k,
         blend_background=w.blend_background,
         feature_timestep=w.feature_timestep,
+        feature_substeps=w.feature_substeps,
         sde_mask=base_latent,
         composite_masks=(mask, reference_mask),
         statistics=statistics,

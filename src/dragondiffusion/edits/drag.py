@@ -45,6 +45,7 @@ class DragWeights:
     w_inpaint: float = 0.2
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
     feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
+    feature_substeps: float = 1.0  # not upstream: see sampler.EditPlan
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def plan_drag(
         k=w.k,
         blend_background=w.blend_background,
         feature_timestep=w.feature_timestep,
+        feature_substeps=w.feature_substeps,
         sde_mask=editable_latent,
         params={
             "cells": [[list(p.handle), list(p.target)] for p in pairs],

@@ -59,6 +59,7 @@ class MoveWeights:
     """Not upstream: see sampler.EditPlan. A move only: a resize (scale ≠ 1) reads its features
     at each step's own level whatever this says (read at t = 501, 50 resize scenes of the
     embedded model lost 3 objects and 0.8 dB of the object; docs/benchmarks.md)."""
+    feature_substeps: float = 1.0  # not upstream: see sampler.EditPlan
     vacated_noise: float = 0.0
     """Not upstream: share of fresh Gaussian noise in the start latent where the object was and
     no longer is, z = √(1−s)·z_T + √s·ε (0 keeps the object's inverted noise there, which
@@ -177,6 +178,7 @@ def plan_move(
         k=w.k,
         blend_background=w.blend_background,
         feature_timestep=w.feature_timestep if scale == 1 else 0.0,
+        feature_substeps=w.feature_substeps,
         sde_mask=target_latent | object_latent.bool(),
         params={"scale": scale, "weights": asdict(w)},
     )

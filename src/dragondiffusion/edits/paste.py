@@ -52,6 +52,7 @@ class PasteWeights:
     w_content: float = 6.0
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
     feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
+    feature_substeps: float = 1.0  # not upstream: see sampler.EditPlan
     match_statistics: float = 0.0
     """Not upstream: share of the steps, from the last, after each of which the pasted object's
     latent takes the reference object's per-channel mean and spread at the same noise level (as
@@ -126,6 +127,7 @@ def plan_paste(
         k=w.k,
         blend_background=w.blend_background,
         feature_timestep=w.feature_timestep,
+        feature_substeps=w.feature_substeps,
         sde_mask=pasted_latent,
         composite_masks=(pasted_full.float(), reference_mask),
         statistics=statistics,
