@@ -132,7 +132,9 @@ def read_at_level(embedded):
     the substeps of the edits that compare each block (move: one; the others: two)."""
     level, edits = feature_level(embedded)
     assert level == 501 and edits == list(WEIGHTS), (level, edits)
-    found, steps = correspondence_at_level(embedded, SEEDS, (981, 941, 901, 741), level, edits)
+    found, steps = correspondence_at_level(
+        embedded, SEEDS, (981, 941, 901, 741), level, edits, cache={}
+    )
     assert steps["up_blocks[2]"] == 1 and steps["up_blocks[1]+up_blocks[2]"] == 2, steps
     return found
 

@@ -166,6 +166,7 @@ def test_level_path_splits_the_way_down_in_equal_jumps():
     assert sampler_module.level_path(0, 9, 3) == [0, 3, 6, 9]
     assert sampler_module.level_path(2, 9, 2) == [2, 6, 9]  # round(3.5) is 4: half to even
     assert sampler_module.level_path(3, 4, 3) == [3, 4], "no more jumps than steps"
+    assert sampler_module.level_path(0, 24, 10**12) == list(range(25)), "and no long loop"
 
 
 def test_substeps_bring_the_prediction_down_step_by_step(pipe, inversion):
@@ -187,7 +188,9 @@ def test_substeps_bring_the_prediction_down_step_by_step(pipe, inversion):
     assert not torch.allclose(brought, one, atol=1e-3)
 
 
-@pytest.mark.parametrize("bad", [0, 1.5, -2.0, float("nan"), float("inf"), True, "2"])
+@pytest.mark.parametrize(
+    "bad", [0, 1.5, -2.0, float("nan"), float("inf"), -(10**400), True, "2", None]
+)
 def test_substeps_are_a_whole_number(pipe, inversion, bad):
     with pytest.raises(InputError, match="feature_substeps must be a whole number"):
         level_sampler(pipe, inversion, 520.0, guided={0}, substeps=bad)

@@ -14,8 +14,9 @@ on/off gate.
 
 Once an adapter is loaded, the diffusers UNet needs image embeddings at every call. A forward
 pre-hook supplies them to the calls that bring none (inversion, feature passes, rollback, the
-sampler's CFG pass). While the gate is off, the scale is 0, so the image branch is skipped and the
-unconditional embedding only satisfies the UNet's signature. While the gate is on, the hook gives
+passes that bring a prediction to the feature level, the sampler's CFG pass). While the gate
+is off, the scale is 0, so the image branch is skipped and the unconditional embedding only
+satisfies the UNet's signature. While the gate is on, the hook gives
 the CFG pair [unconditional; image prompt]. diffusers passes the image tokens to the processors
 *beside* the text, never appended to it. Upstream appended the base image's tokens to the text
 context for appearance and paste, so they leaked into the text K/V (§7.3 #5); that cannot happen

@@ -351,9 +351,10 @@ def level_timesteps(pipe, timestep: int, read_at: int | None, substeps: int) -> 
     """The timesteps from `timestep` down to `read_at` in `substeps` DDIM steps (more than one:
     along `level_path` on an INVERSION_STEPS-step grid), both ends included; [] where nothing
     is brought (`read_at` None or not below `timestep`)."""
+    substeps = require_substeps(substeps)
     if read_at is None or read_at >= timestep:
         return []
-    if require_substeps(substeps) == 1:
+    if substeps == 1:
         return [timestep, read_at]
     grid = DDIMTimesteps(pipe.scheduler, INVERSION_STEPS).timesteps
     if timestep not in grid or read_at not in grid:
@@ -816,7 +817,9 @@ class ModelReport:
     level_substeps: dict[str, int] = field(default_factory=dict)
     """block (or blocks compared together) → in how many DDIM steps its rows of
     `correspondence_at_level` bring the shifted scene to the level: as the level edits that
-    compare it do (`block_substeps`)."""
+    compare it do (`block_substeps`; where they differ, the number most of them name, which the
+    report's words then give for all of them). Always on an INVERSION_STEPS-step grid, whatever
+    steps the edits run."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
@@ -1264,7 +1267,8 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
             "dragondiffusion.json): the step's own latent is brought there by "
             + steps_down(report)
             + f", and the reference features are the inversion's at t = {level}; the rows "
-            f"'read at t = {level}' measure that (the first image read at the level, the shifted "
+            f"'read at t = {level}' measure that on a {INVERSION_STEPS}-step run's grid (the "
+            "first image read at the level, the shifted "
             "one brought there from t the same way, each DDIM step with one plain conditional "
             "UNet pass: the sampler's first one, its own predicted noise, also carries the "
             "memory bank). "

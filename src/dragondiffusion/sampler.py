@@ -13,10 +13,11 @@ Statistics matching (optional, not upstream's; appearance and paste): after each
 steps the object's latent is renormalised to the reference object's (`latent_statistics`).
 Reading the features at a fixed level (optional, not upstream's; `EditPlan.feature_timestep`):
 at the noisier guided steps the energies compare the features of the step's own prediction,
-brought down to that level by deterministic DDIM steps (`feature_substeps`: one by default), with
-the inversion's features there,
-instead of features read at the step's own noise level, where a small model's decoder features
-no longer find shifted content (docs/benchmarks.md, "Reading the energies' features at t = 501").
+brought down to that level by deterministic DDIM steps (`feature_substeps`: one by default),
+with the inversion's features there, instead of features read at the step's own noise level,
+where a small model's decoder features no longer find shifted content (docs/benchmarks.md,
+"Reading the energies' features at t = 501" and "Bringing the prediction to t = 501 in two DDIM
+steps").
 
 Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
 (DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -122,14 +124,16 @@ def nearest_step(steps: DDIMTimesteps, timestep: float) -> int:
 def level_path(i: int, level: int, substeps: int) -> list[int]:
     """Step indices from step i down to the level step (i < level) in `substeps` jumps of about
     equal length on the run's own grid, both ends included (fewer where the steps run out)."""
+    substeps = min(substeps, level - i)  # more jumps than steps: every step is on the path
     points = (i + round((level - i) * k / substeps) for k in range(substeps + 1))
     return sorted(set(points))
 
 
 def require_substeps(value: object) -> int:
     """A whole number of DDIM steps ≥ 1 (also given as a float, as the edit weights are)."""
-    whole = isinstance(value, int | float) and not isinstance(value, bool)
-    if not whole or not math.isfinite(value) or value < 1 or value != int(value):
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    whole = number and (isinstance(value, numbers.Integral) or float(value).is_integer())
+    if not whole or value < 1:
         raise InputError(
             f"feature_substeps must be a whole number of DDIM steps ≥ 1 (1: one step), "
             f"got {value!r}"
@@ -378,6 +382,7 @@ class Sampler:
             )
         return step_to(x0, eps, steps.alpha_next[i])
 
+    @torch.no_grad()
     def bring(self, i: int, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Step i's latent z (noisier than the level) brought to the level by deterministic DDIM
         steps along `level_path`: the first with the step's own noise `eps`, each further one
