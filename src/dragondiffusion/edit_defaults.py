@@ -25,6 +25,7 @@ from typing import Any
 from .edits import AppearanceWeights, DragWeights, MoveWeights, PasteWeights
 from .errors import InputError
 from .features import whole_numbers
+from .sampler import whole_substeps
 
 DEFAULTS_FILE = "dragondiffusion.json"
 WEIGHTS: dict[str, type] = {
@@ -52,7 +53,7 @@ def weight_problem(name: str, value: float) -> str | None:
         return "must be finite and ≥ 0"
     if value > UPPER_BOUNDS.get(name, math.inf):
         return f"must lie in [0, {UPPER_BOUNDS[name]:g}]"
-    if name == "feature_substeps" and (value < 1 or value != int(value)):
+    if name == "feature_substeps" and not whole_substeps(value):
         return "must be a whole number of DDIM steps ≥ 1"
     return None
 

@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, scenes
-from .ddim import DDIMTimesteps, invert_step
+from .ddim import DDIMTimesteps
 from .edit_defaults import WEIGHTS
 from .errors import InputError
 from .figures import annotate, contact_sheet
 from .geometry import Point, Size, dilate, mask_to_grid
 from .io import atomic_write
-from .sampler import level_path, nearest_step, require_substeps
+from .sampler import level_path, nearest_step, require_substeps, walk
 
 SAMPLE_CAPTIONS = (
     "a red circle on a blue floor",
@@ -393,10 +393,7 @@ def decoder_features(
     text = pipe.encode_text(prompt)[0]
     if path:
         alpha = pipe.scheduler.alphas_cumprod
-        for a, b in itertools.pairwise(path):
-            step_t = torch.tensor([a], device=pipe.device)
-            eps = pipe.unet(zt, step_t, encoder_hidden_states=text).sample
-            zt = invert_step(zt, eps, float(alpha[a]), float(alpha[b]))
+        zt, _ = walk(pipe.unet, zt, [(a, float(alpha[a])) for a in path], text)
         t = torch.tensor([read_at], device=pipe.device)
     return [m[0].float() for m in pipe.features(zt, t, text)]
 

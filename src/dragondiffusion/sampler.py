@@ -129,16 +129,41 @@ def level_path(i: int, level: int, substeps: int) -> list[int]:
     return sorted(set(points))
 
 
-def require_substeps(value: object) -> int:
-    """A whole number of DDIM steps ≥ 1 (also given as a float, as the edit weights are)."""
+def whole_substeps(value: object) -> bool:
+    """Whether `value` is a whole number of DDIM steps ≥ 1 (also as a float, as the edit weights
+    are; bools are not numbers here)."""
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     whole = number and (isinstance(value, numbers.Integral) or float(value).is_integer())
-    if not whole or value < 1:
+    return whole and value >= 1
+
+
+def require_substeps(value: object) -> int:
+    """`value` as an int where it is a whole number of DDIM steps ≥ 1, else InputError."""
+    if not whole_substeps(value):
         raise InputError(
             f"feature_substeps must be a whole number of DDIM steps ≥ 1 (1: one step), "
             f"got {value!r}"
         )
     return int(value)
+
+
+def walk(
+    unet: torch.nn.Module,
+    z: torch.Tensor,
+    path: list[tuple[int, float]],
+    cond: torch.Tensor,
+    eps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """z taken along `path` [(timestep, ᾱ), …] by deterministic DDIM steps, each with the noise a
+    plain conditional UNet pass predicts at its start (the first with `eps` instead, where given);
+    returns the latent and how many passes it took."""
+    passes = 0
+    for (t, a), (_, a_to) in itertools.pairwise(path):
+        if eps is None:
+            eps = unet(z, t, encoder_hidden_states=cond).sample
+            passes += 1
+        z, eps = invert_step(z, eps, a, a_to), None
+    return z, passes
 
 
 @dataclass
@@ -387,12 +412,10 @@ class Sampler:
         """Step i's latent z (noisier than the level) brought to the level by deterministic DDIM
         steps along `level_path`: the first with the step's own noise `eps`, each further one
         with a plain conditional UNet pass (no bank, no image prompt, no CFG)."""
-        alpha, path = self.steps.alpha, level_path(i, self.level, self.plan.feature_substeps)
-        for a, b in itertools.pairwise(path):
-            if a != i:
-                eps = self.unet(z, self.steps.timesteps[a], encoder_hidden_states=self.cond).sample
-                self.counts.bring += z.shape[0]
-            z = invert_step(z, eps, alpha[a], alpha[b])
+        steps = level_path(i, self.level, self.plan.feature_substeps)
+        path = [(self.steps.timesteps[k], self.steps.alpha[k]) for k in steps]
+        z, passes = walk(self.unet, z, path, self.cond, eps)
+        self.counts.bring += passes * z.shape[0]
         return z
 
     def rollback(self, i: int, z_next: torch.Tensor) -> torch.Tensor:
