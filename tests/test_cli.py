@@ -31,7 +31,7 @@ def test_cli_move_writes_png_with_round_tripping_record(files, tiny_bundle, caps
     with PIL.Image.open(out) as im:
         assert im.size == (160, 96)
     rec = read_record(out)
-    assert rec["edit"] == "move" and rec["seed"] == 5 and rec["steps"] == 6
+    assert rec["edit"] == "resize" and rec["seed"] == 5 and rec["steps"] == 6  # scale 0.8
     assert rec["from"] == [35.0, 45.0] and rec["to"] == [100.0, 50.0] and rec["scale"] == 0.8
     assert rec["model"] == str(tiny_bundle) and rec["device"] == "cpu"
     assert json.loads(json.dumps(rec)) == rec

@@ -91,7 +91,7 @@ def test_demo_cli_writes_every_file_and_loads_the_model_once(demo_run):
         for file in expected:
             with PIL.Image.open(folder / file) as im:
                 assert im.size == (128, 128)
-        assert read_record(folder / "output.png")["edit"] == ("move" if name == "resize" else name)
+        assert read_record(folder / "output.png")["edit"] == name
     assert not list(out.rglob(".*.tmp")), "no temporary files left behind"
 
 

@@ -86,7 +86,7 @@ def test_bundles_without_the_file_keep_upstream_weights(pipe, inversion, scene):
     assert result.record["feature_blocks"] == [1, 2]
 
 
-def test_moves_read_features_at_the_weights_level_and_resizes_at_their_own(pipe, inversion, scene):
+def test_moves_and_resizes_read_features_at_their_weights_level(pipe, inversion, scene):
     assert inversion.num_steps == 10  # timesteps 901, 801, …, 1
     assert pipe.move(inversion, scene[1], (35, 45), (60, 45)).record["features_read_at"] is None
     levelled = MoveWeights(feature_timestep=480.0)
@@ -94,7 +94,9 @@ def test_moves_read_features_at_the_weights_level_and_resizes_at_their_own(pipe,
     assert moved.record["features_read_at"] == 501
     assert moved.record["weights"]["feature_timestep"] == 480.0
     resized = pipe.move(inversion, scene[1], (35, 45), (35, 45), scale=1.3, weights=levelled)
-    assert resized.record["features_read_at"] is None
+    assert resized.record["features_read_at"] == 501 and resized.record["edit"] == "resize"
+    unlevelled = pipe.move(inversion, scene[1], (35, 45), (35, 45), scale=1.3)
+    assert unlevelled.record["features_read_at"] is None  # upstream's defaults: its own level
     levelled_drag = DragWeights(feature_timestep=300.0)
     dragged = pipe.drag(inversion, scene[1], [((35, 45), (45, 45))], weights=levelled_drag)
     assert dragged.record["features_read_at"] == 301
@@ -183,5 +185,49 @@ def test_a_bundles_step_counts_are_each_edits_default_unless_steps_are_given(
     assert pipe.invert(image, "", edit="drag").num_steps == 3
     assert pipe.invert(image, "", edit="resize").num_steps == 4  # move's
     assert pipe.invert(image, "").num_steps == 50
-    with pytest.raises(InputError, match="edit must be one of move, appearance, drag, paste"):
+    with pytest.raises(InputError, match="edit must be one of move, resize, appearance, drag"):
         pipe.invert(image, "", edit="rotate")
+
+
+def test_a_resize_takes_moves_entries_under_its_own(tiny_bundle, tmp_path, scene):
+    """A resize (a move with a scale other than 1) is tuned as a move unless the bundle's
+    file names "resize": its weights on top of move's, its feature blocks and steps if named."""
+    defaults = EditDefaults(
+        {"move": {"energy_scale": 8000.0, "feature_timestep": 501.0},
+         "resize": {"feature_timestep": 741.0}},
+        feature_blocks={"move": (2,)},
+        steps={"move": 30},
+    )  # fmt: skip
+    resize = defaults.weights("resize")
+    assert (resize.energy_scale, resize.feature_timestep) == (8000.0, 741.0)
+    assert defaults.weights("move").feature_timestep == 501.0
+    assert defaults.blocks("resize") == (2,) and defaults.num_steps("resize") == 30
+    own = EditDefaults(feature_blocks={"move": (2,), "resize": (1, 2)}, steps={"resize": 40})
+    assert own.blocks("resize") == (1, 2) and own.num_steps("resize") == 40
+    assert own.num_steps("move") == 50 and EditDefaults().blocks("resize") is None
+
+    bundle = tmp_path / "resize"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / DEFAULTS_FILE).write_text(
+        json.dumps(
+            {
+                "weights": {
+                    "move": {"guidance_scale": 1.5, "feature_timestep": 250.0},
+                    "resize": {"feature_timestep": 480.0},
+                },
+                "feature_blocks": {"move": [2]},
+                "steps": {"move": 4},
+            }
+        )
+    )
+    pipe = dragondiffusion.load(bundle, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = scene
+    inversion = pipe.invert(image, "a red square", edit="resize")
+    assert inversion.num_steps == 4  # timesteps 751, 501, 251, 1
+    moved = pipe.move(inversion, mask, (35, 45), (45, 45))
+    resized = pipe.move(inversion, mask, (35, 45), (35, 45), scale=1.3)
+    assert (moved.record["edit"], resized.record["edit"]) == ("move", "resize")
+    assert (moved.record["features_read_at"], resized.record["features_read_at"]) == (251, 501)
+    assert resized.record["guidance_scale"] == 1.5 and resized.record["feature_blocks"] == [2]
+    assert resized.record["weights"]["feature_timestep"] == 480.0

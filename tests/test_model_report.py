@@ -30,7 +30,7 @@ from dragondiffusion.model_report import (
     cosines,
     dilate,
     dominant_object_colour,
-    feature_level,
+    feature_levels,
     inversion_round_trip,
     markdown,
     masked_psnr,
@@ -573,8 +573,9 @@ def test_each_comparison_is_read_at_the_level_in_its_edits_substeps(pipe, monkey
     """Move compares the finer block alone in one step, the others both blocks summed in two:
     one pass over the scenes per number of substeps, each block's rows from its own."""
     defaults = EditDefaults(
-        {e: {"feature_timestep": 500.0, "feature_substeps": 2.0} for e in WEIGHTS if e != "move"}
-        | {"move": {"feature_timestep": 500.0}},
+        {e: {"feature_timestep": 500.0, "feature_substeps": 2.0} for e in ("appearance", "drag")}
+        | {"paste": {"feature_timestep": 500.0, "feature_substeps": 2.0}}
+        | {"move": {"feature_timestep": 500.0}},  # and resize, which follows move
         "test",
         feature_blocks={"move": (2,)},
     )
@@ -587,22 +588,24 @@ def test_each_comparison_is_read_at_the_level_in_its_edits_substeps(pipe, monkey
         return {key: 10 * substeps + index for index, key in enumerate(keys)}
 
     monkeypatch.setattr(model_report, "mean_correspondence", fake)
-    level, edits = feature_level(pipe)
-    assert level == 501
-    found, steps = model_report.correspondence_at_level(pipe, [0], (261, 741, 981), level, edits)
+    assert feature_levels(pipe) == {501: list(WEIGHTS)}
+    found, steps = model_report.correspondence_at_level(pipe, [0], (261, 741, 981), 501, WEIGHTS)
     assert steps == {"up_blocks[1]": 2, "up_blocks[2]": 1, "up_blocks[1]+up_blocks[2]": 2}
     assert calls == [(741, 501, 1), (741, 501, 2), (981, 501, 1), (981, 501, 2)]
     assert found[741] == {"up_blocks[1]": 20, "up_blocks[2]": 11, "up_blocks[1]+up_blocks[2]": 22}
     assert set(found) == {741, 981}
 
 
-def test_feature_level_is_where_most_edits_read(pipe, monkeypatch):
-    assert feature_level(pipe) == (None, [])
+def test_feature_levels_name_every_level_and_its_edits(pipe, monkeypatch):
+    assert feature_levels(pipe) == {}
     overrides = {"move": {"feature_timestep": 520.0}, "drag": {"feature_timestep": 520.0}}
     overrides["paste"] = {"feature_timestep": 300.0}
     monkeypatch.setattr(pipe, "edit_defaults", EditDefaults(overrides, "test"))
-    # On a 50-step run's grid (981, 961, …, 521, 501, …): 520 → 521.
-    assert feature_level(pipe) == (521, ["move", "drag"])
+    # On a 50-step run's grid (981, 961, …, 521, 501, …): 520 → 521; resize follows move.
+    assert feature_levels(pipe) == {301: ["paste"], 521: ["move", "resize", "drag"]}
+    overrides["resize"] = {"feature_timestep": 0.0}
+    monkeypatch.setattr(pipe, "edit_defaults", EditDefaults(overrides, "test"))
+    assert feature_levels(pipe) == {301: ["paste"], 521: ["move", "drag"]}
     assert model_report.feature_substeps(pipe, ["move", "drag"]) == 1
     overrides["move"]["feature_substeps"] = 2.0
     overrides["drag"]["feature_substeps"] = 2.0
@@ -616,32 +619,44 @@ def test_report_rows_read_at_the_level_carry_the_target():
     report = model_report.ModelReport(
         model="m", device="cpu", parameters={"unet": 1}, steps=50, sizes={}, vae_psnr={},
         inversion_psnr={}, correspondence={261: blocks, 741: far}, correspondence_scenes=3,
+        correspondence_inverted={261: blocks, 741: far},
         feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16},
-        energy_blocks={"up_blocks[2]": ["move"], "up_blocks[1]+up_blocks[2]": ["appearance"]},
-        feature_level=501, level_edits=["move", "appearance"],
+        energy_blocks={
+            "up_blocks[2]": ["move", "resize"], "up_blocks[1]+up_blocks[2]": ["appearance"]
+        },
+        feature_levels={501: ["move", "appearance"]},
         correspondence_at_level={
-            "inverted": {741: {"up_blocks[2]": 0.4, "up_blocks[1]+up_blocks[2]": 0.9}}
+            501: {"inverted": {741: {"up_blocks[2]": 0.4, "up_blocks[1]+up_blocks[2]": 0.9}}}
         },
     )  # fmt: skip
     rows = {line.split(" | ")[0]: line for line in markdown(report, {}).splitlines()}
     lead = "| feature correspondence error, t = "
-    own = rows[f"{lead}261, noised, up_blocks[2] (16×16 cells; energies of move)"]
+    own = rows[f"{lead}261, noised, up_blocks[2] (16×16 cells; energies of move, resize)"]
     assert own.endswith("| 0.20 cells | ≤ 1 cell |"), "at or below the level: its own rows"
     # Moves read move's block at the level, resizes still here: the target stays.
-    key = f"{lead}741, noised, up_blocks[2] (16×16 cells; energies of move; read at t = 501 "
-    assert rows[key + "by move, resize here)"].endswith("| 3.00 cells | ≤ 1 cell |")
-    key = f"{lead}741, noised, up_blocks[1] + up_blocks[2], summed cosines (16×16 cells; "
+    key = f"{lead}741, DDIM-inverted, up_blocks[2] (16×16 cells; energies of move, resize; "
+    assert rows[key + "read at t = 501 by move, resize here)"].endswith("| 3.00 cells | ≤ 1 cell |")
+    # Fresh noise on both images above DIFT's t = 261: no energy compares that, no target.
+    key = f"{lead}741, noised, up_blocks[2] (16×16 cells; energies of move, resize; read at "
+    assert rows[key + "t = 501 by move, resize here)"].endswith("| 3.00 cells | – |")
+    key = f"{lead}741, DDIM-inverted, up_blocks[1] + up_blocks[2], summed cosines (16×16 cells; "
     assert rows[key + "energies of appearance; read at t = 501 by appearance)"].endswith(
         "| 2.50 cells | – |"
     )
     level = rows[f"{lead}741, DDIM-inverted, read at t = 501, up_blocks[2] (16×16 cells; "
                  "energies of move)"]  # fmt: skip
     assert level.endswith("| 3 scenes | 0.40 cells | ≤ 1 cell |")
-    assert "read their features at t = 501 at every noisier guided step" in markdown(report, {})
+    assert (
+        "read their features at a fixed level at every noisier guided step (`feature_timestep` "
+        "in its dragondiffusion.json; move, appearance at t = 501;" in markdown(report, {})
+    )
+    assert "resize read at each step's own level." in markdown(report, {})
     assert "by one deterministic DDIM step with the UNet's predicted noise, and" in markdown(
         report, {}
     )
-    mixed = replace(report, level_substeps={"up_blocks[2]": 1, "up_blocks[1]+up_blocks[2]": 2})
+    mixed = replace(
+        report, level_substeps={501: {"up_blocks[2]": 1, "up_blocks[1]+up_blocks[2]": 2}}
+    )
     text = markdown(mixed, {})
     assert "by one deterministic DDIM step with the UNet's predicted noise (move) or by 2 " in text
     assert "each with the UNet's predicted noise (appearance), and" in text
@@ -652,3 +667,58 @@ def test_report_rows_read_at_the_level_carry_the_target():
     )
     assert rows[summed_row].endswith("| 0.90 cells | ≤ 1 cell |")
     assert f"{lead}741, DDIM-inverted, read at t = 501, up_blocks[2] (16×16 cells; " in text
+
+
+def test_report_rows_of_a_second_level_for_resize():
+    """A resize reading move's block at its own level (t = 741): its rows carry the target
+    there, and the own-level rows above it name both levels and carry none."""
+    far = {"up_blocks[2]": 1.6, "up_blocks[1]+up_blocks[2]": 2.1}
+    report = model_report.ModelReport(
+        model="m", device="cpu", parameters={"unet": 1}, steps=50, sizes={}, vae_psnr={},
+        inversion_psnr={}, correspondence={741: far, 981: far}, correspondence_scenes=3,
+        correspondence_inverted={741: far, 981: far},
+        feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16},
+        energy_blocks={
+            "up_blocks[2]": ["move", "resize"], "up_blocks[1]+up_blocks[2]": ["drag"]
+        },
+        feature_levels={501: ["move", "drag"], 741: ["resize"]},
+        correspondence_at_level={
+            501: {"inverted": {741: {"up_blocks[2]": 0.3, "up_blocks[1]+up_blocks[2]": 0.8},
+                               981: {"up_blocks[2]": 0.5, "up_blocks[1]+up_blocks[2]": 0.9}}},
+            741: {"inverted": {981: {"up_blocks[2]": 0.8}}},
+        },
+        level_substeps={501: {"up_blocks[2]": 1, "up_blocks[1]+up_blocks[2]": 2},
+                        741: {"up_blocks[2]": 1}},
+    )  # fmt: skip
+    text = markdown(report, {})
+    rows = {line.split(" | ")[0]: line for line in text.splitlines()}
+    lead = "| feature correspondence error, t = "
+    above = rows[f"{lead}981, DDIM-inverted, up_blocks[2] (16×16 cells; energies of move, resize; "
+                 "read at t = 501 by move; read at t = 741 by resize)"]  # fmt: skip
+    assert above.endswith("| 1.60 cells | – |"), "every edit reads these features elsewhere"
+    at_741 = rows[f"{lead}741, DDIM-inverted, up_blocks[2] (16×16 cells; energies of move, resize; "
+                  "read at t = 501 by move, resize here)"]  # fmt: skip
+    assert at_741.endswith("| 1.60 cells | ≤ 1 cell |"), "a resize reads t = 741 itself"
+    resize = rows[f"{lead}981, DDIM-inverted, read at t = 741, up_blocks[2] (16×16 cells; "
+                  "energies of resize)"]  # fmt: skip
+    assert resize.endswith("| 0.80 cells | ≤ 1 cell |")
+    assert not any(k.startswith(f"{lead}741, DDIM-inverted, read at t = 741") for k in rows)
+    assert "; move, drag at t = 501; resize at t = 741; a resize is a move with a scale" in text
+    assert (
+        "one deterministic DDIM step with the UNet's predicted noise (move, resize) or by 2" in text
+    )
+    assert "read at each step's own level" not in text
+
+
+def test_each_level_measures_what_its_edits_compare(pipe, monkeypatch):
+    defaults = EditDefaults(
+        {"move": {"feature_timestep": 500.0}, "resize": {"feature_timestep": 740.0}},
+        "test",
+        feature_blocks={"move": (2,)},
+    )
+    monkeypatch.setattr(pipe, "edit_defaults", defaults)
+    assert feature_levels(pipe) == {501: ["move"], 741: ["resize"]}
+    assert model_report.level_blocks(pipe, ["resize"]) == ["up_blocks[2]"]
+    assert model_report.level_blocks(pipe, ["drag"]) == [
+        "up_blocks[1]", "up_blocks[2]", "up_blocks[1]+up_blocks[2]"
+    ]  # fmt: skip

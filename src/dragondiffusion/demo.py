@@ -69,6 +69,13 @@ class Example:
     inversion: str
 
     @property
+    def kind(self) -> str:
+        """The edit whose model defaults it takes: its pipeline method, or "resize" for a move
+        with a scale other than 1 (`edit_defaults.WEIGHTS`)."""
+        resized = self.edit == "move" and self.arguments.get("scale", 1) != 1
+        return "resize" if resized else self.edit
+
+    @property
     def arrows(self) -> list[tuple[Point, Point]]:
         """Handle → target arrows to draw on the input."""
         if self.edit == "move" and self.arguments["source"] != self.arguments["target"]:
@@ -239,7 +246,7 @@ def write_png(image: Image.Image | np.ndarray, path: Path) -> Path:
 
 def example_steps(pipe: DragonPipeline, example: Example, steps: int | None) -> int:
     """The DDIM steps an example runs with: `steps`, else the model's default for its edit."""
-    return pipe.edit_defaults.num_steps(example.edit) if steps is None else steps
+    return pipe.edit_defaults.num_steps(example.kind) if steps is None else steps
 
 
 def run_example(

@@ -10,8 +10,9 @@ Each entry replaces the named fields of that edit's weights dataclass; weights p
 still win. An optional `"feature_blocks": {"move": [2]}` names, per edit, the decoder blocks
 (indices of `unet.up_blocks`) whose features the energies compare, instead of DragonDiffusion's
 two. An optional `"steps": {"drag": 20}` sets an edit's default number of DDIM steps (50 where
-unnamed; resize follows move); steps given to an edit still win. Bundles without the file (SD 1.5
-and every other model) keep upstream's values.
+unnamed); steps given to an edit still win. A resize (a move with a scale other than 1) has its
+own entries, `"resize"`, and takes move's where it has none (`FOLLOWS`). Bundles without the file
+(SD 1.5 and every other model) keep upstream's values.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ from .sampler import whole_substeps
 DEFAULTS_FILE = "dragondiffusion.json"
 WEIGHTS: dict[str, type] = {
     "move": MoveWeights,
+    "resize": MoveWeights,
     "appearance": AppearanceWeights,
     "drag": DragWeights,
     "paste": PasteWeights,
 }
-"""The weights dataclass of each pipeline edit (resize is `move`)."""
+"""The weights dataclass of each edit a bundle may tune (resize: `DragonPipeline.move` with a
+scale other than 1)."""
+FOLLOWS = {"resize": "move"}
+"""An edit → the edit whose entries (weights, feature blocks, steps) it takes where it names
+none of its own: a resize is tuned as a move unless the bundle says otherwise."""
 UPPER_BOUNDS = {"blend_background": 1.0, "vacated_noise": 1.0, "match_statistics": 1.0}
 """Weights with a largest value (shares); every weight is finite and ≥ 0."""
 DEFAULT_STEPS = 50
@@ -115,12 +121,18 @@ class EditDefaults:
     """edit → its default number of DDIM steps; edits not named take DEFAULT_STEPS."""
 
     def weights(self, edit: str) -> Any:
-        """The default weights of `edit` (a key of WEIGHTS) for this model."""
-        return replace(WEIGHTS[edit](), **self.overrides.get(edit, {}))
+        """The default weights of `edit` (a key of WEIGHTS) for this model: its entry on top of
+        the entry of the edit it follows (`FOLLOWS`), if any."""
+        followed = self.overrides.get(FOLLOWS.get(edit, edit), {})
+        return replace(WEIGHTS[edit](), **{**followed, **self.overrides.get(edit, {})})
 
     def num_steps(self, edit: str) -> int:
-        """The default number of DDIM steps of `edit` for this model (resize is "move")."""
-        return self.steps.get("move" if edit == "resize" else edit, DEFAULT_STEPS)
+        """The default number of DDIM steps of `edit` for this model."""
+        return self.steps.get(edit, self.steps.get(FOLLOWS.get(edit, edit), DEFAULT_STEPS))
+
+    def blocks(self, edit: str) -> tuple[int, ...] | None:
+        """The decoder blocks of `edit`'s energies for this model; None: DragonDiffusion's two."""
+        return self.feature_blocks.get(edit, self.feature_blocks.get(FOLLOWS.get(edit, edit)))
 
     @classmethod
     def parse(cls, data: object, source: str) -> EditDefaults:

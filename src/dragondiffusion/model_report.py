@@ -18,7 +18,8 @@
   (DIFT's protocol), or the image's own DDIM inversion (what the energies compare: the reference
   features come from the inversion's trajectory, and sampling starts from its z_T). Where the
   model's edits read their features at a fixed level at noisier steps (`feature_timestep`), the
-  same at every noisier t read that way (`feature_level`; `decoder_features`' `read_at`).
+  same at every noisier t read that way, for each such level (`feature_levels`; a resize may
+  read at another level than a move: `decoder_features`' `read_at`).
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
   against the shift asked for; the same with `keep_background`.
@@ -57,7 +58,13 @@ SAMPLE_CAPTIONS = (
     "a green dotted triangle and a white ring on a brown floor",
 )
 """Captions for the text-to-image grid, in the scene captions' vocabulary."""
-CORRESPONDENCE_TIMESTEPS = (261, 501, 741, 901, 981)
+DIFT_TIMESTEP = 261
+"""DIFT's timestep for SD (Tang et al. 2023, "Emergent Correspondence from Image Diffusion"):
+the noised protocol's rows carry the correspondence target there only. At noisier t fresh noise
+on both images is what no energy compares (the reference features are the inversion's, the
+edited latent the sampler's deterministic path from the inversion's z_T, with a little fresh
+noise inside the edit at the regional-SDE steps): those rows show how fast the features fade."""
+CORRESPONDENCE_TIMESTEPS = (DIFT_TIMESTEP, 501, 741, 901, 981)
 """Noise levels of the correspondence check: DIFT's t = 261 and four inside the guided steps
 (DiffEditor guides at t ≈ 981…421; 981 is the first, noisiest step of 50)."""
 INVERSION_STEPS = 50
@@ -803,22 +810,27 @@ class ModelReport:
     named_shapes: dict[str, list[str]] = field(default_factory=dict)
     """shape named in SHAPE_CAPTION → the best-fitting shape class of each seed's sample ({}:
     not run)."""
-    feature_level: int | None = None
-    """The timestep at which edits read their energies' features at noisier guided steps
-    (`feature_level`); None: each step at its own level."""
-    level_edits: list[str] = field(default_factory=list)
-    """The edits that read at `feature_level`."""
-    correspondence_at_level: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
-    """"noised" / "inverted" → t above the level → as `correspondence`, the shifted scene brought
-    from t to `feature_level` and read there, the scene read there ({}: no level)."""
-    level_substeps: dict[str, int] = field(default_factory=dict)
-    """block (or blocks compared together) → in how many DDIM steps its rows of
-    `correspondence_at_level` bring the shifted scene to the level: as the level edits that
+    feature_levels: dict[int, list[str]] = field(default_factory=dict)
+    """Each timestep at which edits read their energies' features at noisier guided steps →
+    those edits (`feature_levels`); {}: every edit reads at each step's own level."""
+    correspondence_at_level: dict[int, dict[str, dict[int, dict[str, float]]]] = field(
+        default_factory=dict
+    )
+    """level → "noised" / "inverted" → t above the level → as `correspondence`, for what that
+    level's edits compare (`level_blocks`): the shifted scene brought from t to the level and
+    read there, the scene read there ({}: no level)."""
+    level_substeps: dict[int, dict[str, int]] = field(default_factory=dict)
+    """level → block (or blocks compared together) → in how many DDIM steps its rows of
+    `correspondence_at_level` bring the shifted scene to the level: as the level's edits that
     compare it do (`block_substeps`; where they differ, the number most of them name, which the
     report's words then give for all of them). Always on an INVERSION_STEPS-step grid, whatever
     steps the edits run."""
     seconds: float = 0.0
     figures: dict[str, PIL.Image.Image] = field(default_factory=dict)
+
+    def reading_level(self, edit: str) -> int | None:
+        """The level at which `edit` reads its features at noisier steps; None: its own."""
+        return next((t for t, edits in self.feature_levels.items() if edit in edits), None)
 
 
 def energy_blocks(pipe) -> dict[str, list[str]]:
@@ -831,22 +843,33 @@ def energy_blocks(pipe) -> dict[str, list[str]]:
     return used
 
 
-def feature_level(pipe) -> tuple[int | None, list[str]]:
-    """The timestep at which the model's edits read their energies' features at noisier guided
-    steps (`feature_timestep` of its edit weights, on the grid of an INVERSION_STEPS-step run, as
-    the sampler puts it), and the edits that do; (None, []) where every edit reads at each step's
-    own level. Where edits name different levels, the one most of them name. A move's level holds
-    for scale 1 only: a resize reads at each step's own level (`plan_move`)."""
+def feature_levels(pipe) -> dict[int, list[str]]:
+    """Each timestep at which some of the model's edits read their energies' features at noisier
+    guided steps (`feature_timestep` of their weights, on the grid of an INVERSION_STEPS-step
+    run, as the sampler puts it) → those edits, the least noisy level first; {} where every
+    edit reads at each step's own level."""
     steps = DDIMTimesteps(pipe.scheduler, INVERSION_STEPS)
     levels: dict[int, list[str]] = {}
     for edit in WEIGHTS:
         timestep = pipe.edit_defaults.weights(edit).feature_timestep
         if timestep:
             levels.setdefault(steps.timesteps[nearest_step(steps, timestep)], []).append(edit)
-    if not levels:
-        return None, []
-    level = max(levels, key=lambda t: len(levels[t]))
-    return level, levels[level]
+    return dict(sorted(levels.items()))
+
+
+def measured_blocks(pipe) -> list[str]:
+    """The keys `correspondence_errors` measures: each of DragonDiffusion's blocks
+    ("up_blocks[i]"), then, with several, the blocks compared together (`summed`)."""
+    blocks = [f"up_blocks[{b}]" for b in pipe.features.blocks]
+    return blocks + ([summed(pipe.features.blocks)] if len(blocks) > 1 else [])
+
+
+def level_blocks(pipe, level_edits: Sequence[str]) -> list[str]:
+    """Of `measured_blocks`, what these edits' energies compare (a block, or blocks summed:
+    `energy_blocks`) and each block of such a sum alone."""
+    compared = [key for key, users in energy_blocks(pipe).items() if set(users) & set(level_edits)]
+    parts = {block for key in compared for block in key.split("+")}
+    return [key for key in measured_blocks(pipe) if key in compared or key in parts]
 
 
 def feature_substeps(pipe, edits: Sequence[str]) -> int:
@@ -877,13 +900,11 @@ def correspondence_at_level(
     latents: str = "inverted",
     cache: dict | None = None,
 ) -> tuple[dict[int, dict[str, float]], dict[str, int]]:
-    """`mean_correspondence` read at `level` from every noisier timestep, each block (or blocks
-    compared together) brought there in the substeps of the level edits that compare it
-    (`block_substeps`; one pass over the scenes per distinct number); also those numbers."""
-    blocks = [f"up_blocks[{b}]" for b in pipe.features.blocks]
-    if len(blocks) > 1:
-        blocks.append(summed(pipe.features.blocks))
-    steps = block_substeps(pipe, level_edits, blocks)
+    """`mean_correspondence` read at `level` from every noisier timestep, for what the level's
+    edits compare (`level_blocks`), each block (or blocks compared together) brought there in
+    the substeps of the level edits that compare it (`block_substeps`; one pass over the scenes
+    per distinct number); also those numbers."""
+    steps = block_substeps(pipe, level_edits, level_blocks(pipe, level_edits))
     found = {}
     for t in (t for t in timesteps if t > level):
         by_steps = {
@@ -1021,13 +1042,13 @@ def measure(
         t: mean_correspondence(pipe, correspondence_seeds, t, latents="inverted", cache=kept)
         for t in timesteps
     }
-    level, level_edits = feature_level(pipe)
-    at_level: dict[str, dict[int, dict[str, float]]] = {}
-    substeps: dict[str, int] = {}
-    if level is not None:
+    levels = feature_levels(pipe)
+    at_level: dict[int, dict[str, dict[int, dict[str, float]]]] = {}
+    substeps: dict[int, dict[str, int]] = {}
+    for level, level_edits in levels.items():
         log(f"the same read at t = {level} from the noisier levels (as {', '.join(level_edits)})")
         for latents in LATENTS:
-            at_level[latents], substeps = correspondence_at_level(
+            at_level.setdefault(level, {})[latents], substeps[level] = correspondence_at_level(
                 pipe, correspondence_seeds, timesteps, level, level_edits, latents, kept
             )
     del kept
@@ -1077,8 +1098,7 @@ def measure(
         correspondence_inverted=on_inversions,
         named_colours=colours,
         named_shapes=shapes,
-        feature_level=level,
-        level_edits=level_edits,
+        feature_levels=levels,
         correspondence_at_level=at_level,
         level_substeps=substeps,
     )
@@ -1183,35 +1203,43 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 f"| inversion → reconstruction PSNR, {report.steps} steps, {label} | {name} | "
                 f"{_db(report.inversion_psnr[name][mode])} | |"
             )
-    level = report.feature_level
-    protocols = [("noised", report.correspondence, False)]
+    protocols: list[tuple[str, dict[int, dict[str, float]], int | None, bool]] = [
+        ("noised", report.correspondence, None, True)
+    ]
     if report.correspondence_inverted:
-        protocols.append(("DDIM-inverted", report.correspondence_inverted, False))
-    for latents, measured in report.correspondence_at_level.items():
-        how = "noised" if latents == "noised" else "DDIM-inverted"
-        protocols.append((f"{how}, read at t = {level}", measured, True))
-    for (how, measured, read_at_level), t in itertools.product(protocols, report.correspondence):
+        protocols.append(("DDIM-inverted", report.correspondence_inverted, None, False))
+    for level, by_latents in report.correspondence_at_level.items():
+        for latents, measured in by_latents.items():
+            how = "noised" if latents == "noised" else "DDIM-inverted"
+            protocols.append((f"{how}, read at t = {level}", measured, level, latents == "noised"))
+    for (how, measured, level, noised), t in itertools.product(protocols, report.correspondence):
+        fading = noised and t > DIFT_TIMESTEP  # no energy compares these: no target
         for block, error in measured.get(t, {}).items():
             compared, who = energy_users(report, block)
-            at_level = [e for e in compared if e in report.level_edits]
-            used = at_level if read_at_level else compared
-            if level is not None and t > level and not read_at_level and at_level:
-                # Edits that read at the level compare these features only in its rows; a
-                # resize (a move with scale ≠ 1) still reads at each step's own level.
-                used = [e for e in compared if e not in at_level]
-                who += f"; read at t = {level} by {', '.join(at_level)}"
-                if "move" in at_level:
-                    used.append("resize")
-                    who += ", resize here"
+            if level is not None:  # the edits that read this block at the level
+                used = [e for e in compared if e in report.feature_levels[level]]
+                if used:
+                    who = f"; energies of {', '.join(used)}" if len(used) < len(WEIGHTS) else ""
+            else:  # edits that read at a level at t compare these features only in its rows
+                elsewhere: dict[int, list[str]] = {}
+                for edit in compared:
+                    at = report.reading_level(edit)
+                    if at is not None and t > at:
+                        elsewhere.setdefault(at, []).append(edit)
+                used = [e for e in compared if not any(e in v for v in elsewhere.values())]
+                for at, edits in sorted(elsewhere.items()):
+                    who += f"; read at t = {at} by {', '.join(edits)}"
+                if elsewhere and used:
+                    who += f", {', '.join(used)} here"
             side = report.feature_grids[block]
             what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
-            brought = report.level_substeps.get(block, 1) if read_at_level else 1
+            brought = 1 if level is None else report.level_substeps.get(level, {}).get(block, 1)
             steps = f" in {brought} DDIM steps" if brought > 1 else ""
             lines.append(
                 f"| feature correspondence error, t = {t}, {how}{steps}, {what} "
                 f"({side}×{side} cells{who}) | "
                 f"{report.correspondence_scenes} scenes | {error:.2f} cells | "
-                f"{'≤ 1 cell' if used else '–'} |"
+                f"{'≤ 1 cell' if used and not fading else '–'} |"
             )
     named = (
         (
@@ -1257,23 +1285,13 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
         "that sums one term per block favours); the mean distance to the true cell, in "
         "cells of that block (together: of the finer one). The target applies to what an "
         "edit's energies compare (`feature_blocks` in the model's dragondiffusion.json; "
-        "unnamed edits compare both blocks) at the level they read it: "
-        + (
-            f"the model's edits ({', '.join(report.level_edits)}) read their features at "
-            f"t = {level} at every noisier guided step (`feature_timestep` in its "
-            "dragondiffusion.json): the step's own latent is brought there by "
-            + steps_down(report)
-            + f", and the reference features are the inversion's at t = {level}; the rows "
-            f"'read at t = {level}' measure that on a {INVERSION_STEPS}-step run's grid (the "
-            "first image read at the level, the shifted "
-            "one brought there from t the same way, each DDIM step with one plain conditional "
-            "UNet pass: the sampler's first one, its own predicted noise, also carries the "
-            "memory bank). "
-            "A resize (a move with another scale) reads at each step's own level. "
-            if level is not None
-            else "each guided step's own. "
-        )
-        + "Attention entropy: the entropy of the softmax "
+        "unnamed edits compare both blocks) at the level they read it, DDIM-inverted, and "
+        f"to DIFT's protocol at DIFT's t = {DIFT_TIMESTEP}; the noised rows at noisier t have "
+        "none, since no energy compares two images each under fresh noise (the reference "
+        "features are the inversion's, the edited latent follows the sampler's deterministic "
+        "path from the inversion's z_T, with a little fresh noise inside the edit at the "
+        "regional-SDE steps): they show how fast the features fade under noise. The edits' "
+        "levels: " + levels_text(report) + "Attention entropy: the entropy of the softmax "
         "weights of the decoder self-attention layers (those the memory bank swaps) divided by "
         "log(tokens); near 1 the attention is almost uniform, pooling the image instead of "
         "matching tokens, so the memory bank cannot carry content to matching places.",
@@ -1314,13 +1332,36 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def levels_text(report: ModelReport) -> str:
+    """Where the model's edits read their features, in words (`feature_levels`)."""
+    if not report.feature_levels:
+        return "each guided step's own. "
+    where = "; ".join(f"{', '.join(e)} at t = {t}" for t, e in report.feature_levels.items())
+    edits = [e for users in report.energy_blocks.values() for e in users]
+    own = [e for e in WEIGHTS if e in edits and report.reading_level(e) is None]
+    return (
+        "the model's edits read their features at a fixed level at every noisier guided step "
+        f"(`feature_timestep` in its dragondiffusion.json; {where}; a resize is a move with a "
+        "scale other than 1): the step's own latent is brought there by "
+        + steps_down(report)
+        + ", and the reference features are the inversion's at that level; the rows 'read at "
+        f"t = …' measure that on a {INVERSION_STEPS}-step run's grid (the first image read at "
+        "the level, the shifted one brought there from t the same way, each DDIM step with one "
+        "plain conditional UNet pass: the sampler's first one, its own predicted noise, also "
+        "carries the memory bank). "
+        + (f"{', '.join(own)} read at each step's own level. " if own else "")
+    )
+
+
 def steps_down(report: ModelReport) -> str:
-    """How the level edits bring a latent to the level, in words (`level_substeps`)."""
+    """How the level edits bring a latent to their level, in words (`level_substeps`)."""
     edits: dict[int, list[str]] = {}
-    for block, users in report.energy_blocks.items():
-        for edit in users:
-            if edit in report.level_edits:
-                edits.setdefault(report.level_substeps.get(block, 1), []).append(edit)
+    for level, level_edits in report.feature_levels.items():
+        for block, users in report.energy_blocks.items():
+            for edit in users:
+                if edit in level_edits:
+                    k = report.level_substeps.get(level, {}).get(block, 1)
+                    edits.setdefault(k, []).append(edit)
 
     def words(k: int) -> str:
         if k == 1:

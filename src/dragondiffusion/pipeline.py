@@ -346,8 +346,8 @@ class DragonPipeline(StableDiffusionPipeline):
         the model's count for `edit` (e.g. "drag", whose edits reuse it), else 50.
         """
         if num_inference_steps is None:
-            if edit is not None and edit not in (*WEIGHTS, "resize"):
-                raise InputError(f"edit must be one of {', '.join(WEIGHTS)}, resize; not {edit!r}")
+            if edit is not None and edit not in WEIGHTS:
+                raise InputError(f"edit must be one of {', '.join(WEIGHTS)}; not {edit!r}")
             num_inference_steps = (
                 DEFAULT_STEPS if edit is None else self.edit_defaults.num_steps(edit)
             )
@@ -569,12 +569,14 @@ class DragonPipeline(StableDiffusionPipeline):
             )
         self.feature_overrides = {
             edit: FeatureExtractor(self.unet, blocks)
-            for edit, blocks in defaults.feature_blocks.items()
+            for edit in WEIGHTS
+            if (blocks := defaults.blocks(edit)) is not None
         }
         self._edit_defaults = defaults
 
     def features_for(self, edit: str) -> FeatureExtractor:
-        """The feature extractor of an edit's energies (resize is "move")."""
+        """The feature extractor of an edit's energies (an EditPlan's `edit`: "resize" for a
+        move with a scale other than 1)."""
         return self.feature_overrides.get(edit, self.features)
 
     def weights_from(self, given: object) -> str:
@@ -604,7 +606,8 @@ class DragonPipeline(StableDiffusionPipeline):
         started, opts = time.perf_counter(), EditOptions(**options)
         if not np.isfinite(scale) or scale <= 0:
             raise InputError(f"scale must be a positive number, got {scale}")
-        inversion = self.prepare(image, prompt, opts, "move")
+        edit = "move" if scale == 1 else "resize"
+        inversion = self.prepare(image, prompt, opts, edit)
         region = None
         if reference_region is not None:
             region = self.mask_tensor(reference_region, inversion, "reference region")
@@ -615,7 +618,7 @@ class DragonPipeline(StableDiffusionPipeline):
             self.to_working(inversion, target, "--to point"),
             scale,
             region,
-            weights or self.edit_defaults.weights("move"),
+            weights or self.edit_defaults.weights(edit),
             seed=opts.seed,
         )
         plan.params.update({"from": list(source), "to": list(target)})

@@ -228,7 +228,7 @@ class Settings:
         require_known(self.ablations, ABLATIONS, "--ablations", empty=True)
         for name, values in self.sweep:
             for edit in self.edits:
-                known = WEIGHTS["move" if edit == "resize" else edit].__dataclass_fields__
+                known = WEIGHTS[edit].__dataclass_fields__
                 if name not in known:
                     raise InputError(
                         f"--set {name}: {edit} has no such weight; its weights are "
@@ -373,13 +373,13 @@ def produce(
         "keep_background": variant.keep_background,
     }
     if variant.weights:
-        base = pipe.edit_defaults.weights(case.example.edit)
+        base = pipe.edit_defaults.weights(case.example.kind)
         options["weights"] = replace(base, **own_weights(base, variant.weights))
     if variant.keep_background and results is not None:
-        plain = results.get(twin_key(pipe, case.example.edit, variant))
+        plain = results.get(twin_key(pipe, case.example.kind, variant))
         if plain is not None:
             return np.asarray(plain.with_background_kept().image.convert("RGB")), 0.0
-    steps = steps_of(pipe, case.example.edit, variant)
+    steps = steps_of(pipe, case.example.kind, variant)
     chosen = pipe.feature_overrides
     if variant.upstream_features:
         pipe.feature_overrides = {}
@@ -389,7 +389,7 @@ def produce(
     finally:
         pipe.feature_overrides = chosen
     if results is not None:
-        results[effective(pipe, case.example.edit, variant)] = done.result
+        results[effective(pipe, case.example.kind, variant)] = done.result
     return np.asarray(done.result.image.convert("RGB")), done.inversion_seconds or 0.0
 
 
@@ -559,11 +559,11 @@ def case_rows(
     made: dict[tuple, tuple[str, float]] = {}  # effective options → variant, seconds
     results: dict[tuple, EditResult] = {}  # effective options → the method's result
     for variant in variants:
-        key = effective(pipe, case.example.edit, variant)
+        key = effective(pipe, case.example.kind, variant)
         inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
         plain = None  # the plain twin of a keep-background variant, if made
         if variant.keep_background:
-            source = twin_key(pipe, case.example.edit, variant)
+            source = twin_key(pipe, case.example.kind, variant)
             plain = made.get(source) if source in results else None
         if key in made:  # the same image: its seconds are those of making it
             twin, seconds = made[key]

@@ -11,6 +11,8 @@ pixels before putting it on each grid (`moved_region`: on the grid a small objec
 changed size), and on the latent grid a move or resize takes every cell the moved object covers
 by a fifth (`LATENT_COVER`; a moved object keeps its size better); and an empty vacated region
 (an in-place enlargement) drops the contrast and inpainting terms instead of producing NaN.
+A resize is this edit with a scale other than 1: its plan (and record) is named "resize", and a
+model may tune it apart from a move (`edit_defaults.FOLLOWS`).
 """
 
 from __future__ import annotations
@@ -55,10 +57,7 @@ class MoveWeights:
     w_contrast: float = 0.2
     w_inpaint: float = 0.8
     blend_background: float = 0.0  # not upstream: see sampler.EditPlan
-    feature_timestep: float = 0.0
-    """Not upstream: see sampler.EditPlan. A move only: a resize (scale ≠ 1) reads its features
-    at each step's own level whatever this says (read at t = 501, 50 resize scenes of the
-    embedded model lost 3 objects and 0.8 dB of the object; docs/benchmarks.md)."""
+    feature_timestep: float = 0.0  # not upstream: see sampler.EditPlan
     feature_substeps: float = 1.0  # not upstream: see sampler.EditPlan
     vacated_noise: float = 0.0
     """Not upstream: share of fresh Gaussian noise in the start latent where the object was and
@@ -167,7 +166,7 @@ def plan_move(
         z_init = torch.where(vacated_latent, fresh, z_init)
     n = inversion.num_steps
     return EditPlan(
-        edit="move",
+        edit="move" if scale == 1 else "resize",
         z_init=z_init,
         energy=energy,
         edit_mask=target_latent.to(z_T.dtype),
@@ -177,7 +176,7 @@ def plan_move(
         energy_scale=w.energy_scale,
         k=w.k,
         blend_background=w.blend_background,
-        feature_timestep=w.feature_timestep if scale == 1 else 0.0,
+        feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=target_latent | object_latent.bool(),
         params={"scale": scale, "weights": asdict(w)},
