@@ -7,7 +7,7 @@ Default model: the embedded one (src/dragondiffusion/demo_model). Held-out data:
 scenes with seeds below the training script's TRAIN_SEED_FLOOR and the scikit-image photos it
 keeps out of training (needs scikit-image: pip install -e ".[bench]"); on the `coffee` photo
 the cup and saucer are also moved at the photo's own size. What is measured is described in
-`dragondiffusion.model_report`. About 13 minutes on 2 CPU cores (2.5 of them the photo move at
+`dragondiffusion.model_report`. About 15 minutes on 2 CPU cores (2.5 of them the photo move at
 576×384).
 """
 

@@ -748,9 +748,9 @@ with the masks scaled in pixels (0.34 before shifts took LATENT_COVER too); 0.77
 worse than the unedited input's 0.59."""
 BACKGROUND_PSNR_DB = {"move": 32.5, "resize": 31.5, "appearance": 34.0, "drag": 35.5, "paste": 32.5}
 """Floors a little below the measured 33.7, 32.1, 35.7, 36.8, 33.9 dB (appearance, drag and paste
-at the model's 20 steps; resize 32.5 at each step's own level, before it read at t = 741; appearance 34.8 at 50, 36.9 without `match_statistics` at step 11273;
-the baseline's is exact by construction: it leaves every pixel outside the places it cuts and
-pastes untouched)."""
+at the model's 20 steps; resize 32.5 at each step's own level, before it read at t = 741;
+appearance 34.8 at 50, 36.9 without `match_statistics` at step 11273; the baseline's is exact by
+construction: it leaves every pixel outside the places it cuts and pastes untouched)."""
 no_embedded = pytest.mark.skipif(
     not (models.EMBEDDED_MODEL / "model_index.json").is_file(),
     reason="no embedded demo model in src/dragondiffusion/demo_model",

@@ -11,8 +11,10 @@ still win. An optional `"feature_blocks": {"move": [2]}` names, per edit, the de
 (indices of `unet.up_blocks`) whose features the energies compare, instead of DragonDiffusion's
 two. An optional `"steps": {"drag": 20}` sets an edit's default number of DDIM steps (50 where
 unnamed); steps given to an edit still win. A resize (a move with a scale other than 1) has its
-own entries, `"resize"`, and takes move's where it has none (`FOLLOWS`). Bundles without the file
-(SD 1.5 and every other model) keep upstream's values.
+own entries, `"resize"`, and takes move's where it has none (`FOLLOWS`; weights field by field,
+so a move's `feature_timestep` holds for resizes too unless `"resize": {"feature_timestep": 0}`
+keeps them at each step's own level). Bundles without the file (SD 1.5 and every other model)
+keep upstream's values.
 """
 
 from __future__ import annotations
@@ -116,9 +118,10 @@ class EditDefaults:
     """'upstream' (no overrides) or the path of the file they were read from."""
     feature_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """edit → decoder blocks of its energies' features; edits not named use DragonDiffusion's
-    two (1/16 and 1/8 of the image)."""
+    two (1/16 and 1/8 of the image), a resize not named move's (`FOLLOWS`; the whole entry)."""
     steps: dict[str, int] = field(default_factory=dict)
-    """edit → its default number of DDIM steps; edits not named take DEFAULT_STEPS."""
+    """edit → its default number of DDIM steps; edits not named take DEFAULT_STEPS, a resize
+    not named move's."""
 
     def weights(self, edit: str) -> Any:
         """The default weights of `edit` (a key of WEIGHTS) for this model: its entry on top of

@@ -16,7 +16,8 @@
   finer grid). The target applies to what each edit's energies compare (`pipe.features_for`).
   Two ways to bring an image to that noise level: fresh random noise, independent per image
   (DIFT's protocol), or the image's own DDIM inversion (what the energies compare: the reference
-  features come from the inversion's trajectory, and sampling starts from its z_T). Where the
+  features come from the inversion's trajectory, and sampling starts from its z_T; the noised
+  rows carry the target at DIFT's own t only, `DIFT_TIMESTEP`). Where the
   model's edits read their features at a fixed level at noisier steps (`feature_timestep`), the
   same at every noisier t read that way, for each such level (`feature_levels`; a resize may
   read at another level than a move: `decoder_features`' `read_at`).
@@ -1341,8 +1342,9 @@ def levels_text(report: ModelReport) -> str:
     own = [e for e in WEIGHTS if e in edits and report.reading_level(e) is None]
     return (
         "the model's edits read their features at a fixed level at every noisier guided step "
-        f"(`feature_timestep` in its dragondiffusion.json; {where}; a resize is a move with a "
-        "scale other than 1): the step's own latent is brought there by "
+        f"(`feature_timestep` in its dragondiffusion.json; {where}"
+        + ("; a resize is a move with a scale other than 1" if "resize" in edits else "")
+        + "): the step's own latent is brought there by "
         + steps_down(report)
         + ", and the reference features are the inversion's at that level; the rows 'read at "
         f"t = …' measure that on a {INVERSION_STEPS}-step run's grid (the first image read at "

@@ -576,7 +576,8 @@ class DragonPipeline(StableDiffusionPipeline):
 
     def features_for(self, edit: str) -> FeatureExtractor:
         """The feature extractor of an edit's energies (an EditPlan's `edit`: "resize" for a
-        move with a scale other than 1)."""
+        move with a scale other than 1). `feature_overrides` holds one per edit, resize's
+        copied from move's where the model names none: set `edit_defaults` to change both."""
         return self.feature_overrides.get(edit, self.features)
 
     def weights_from(self, given: object) -> str:
