@@ -613,14 +613,22 @@ def test_feature_levels_name_every_level_and_its_edits(pipe, monkeypatch):
     assert model_report.feature_substeps(pipe, ["move", "drag", "paste"]) == 2
 
 
+def correspondence_report(**fields) -> model_report.ModelReport:
+    """A report of correspondence rows alone, 3 scenes, move's block and both blocks summed on
+    a 16×16 grid; `fields` give the rows and who reads what."""
+    return model_report.ModelReport(
+        model="m", device="cpu", parameters={"unet": 1}, steps=50, sizes={}, vae_psnr={},
+        inversion_psnr={}, correspondence_scenes=3,
+        feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16}, **fields,
+    )  # fmt: skip
+
+
 def test_report_rows_read_at_the_level_carry_the_target():
     blocks = {"up_blocks[2]": 0.2, "up_blocks[1]+up_blocks[2]": 0.6}
     far = {"up_blocks[2]": 3.0, "up_blocks[1]+up_blocks[2]": 2.5}
-    report = model_report.ModelReport(
-        model="m", device="cpu", parameters={"unet": 1}, steps=50, sizes={}, vae_psnr={},
-        inversion_psnr={}, correspondence={261: blocks, 741: far}, correspondence_scenes=3,
+    report = correspondence_report(
+        correspondence={261: blocks, 741: far},
         correspondence_inverted={261: blocks, 741: far},
-        feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16},
         energy_blocks={
             "up_blocks[2]": ["move", "resize"], "up_blocks[1]+up_blocks[2]": ["appearance"]
         },
@@ -673,11 +681,9 @@ def test_report_rows_of_a_second_level_for_resize():
     """A resize reading move's block at its own level (t = 741): its rows carry the target
     there, and the own-level rows above it name both levels and carry none."""
     far = {"up_blocks[2]": 1.6, "up_blocks[1]+up_blocks[2]": 2.1}
-    report = model_report.ModelReport(
-        model="m", device="cpu", parameters={"unet": 1}, steps=50, sizes={}, vae_psnr={},
-        inversion_psnr={}, correspondence={741: far, 981: far}, correspondence_scenes=3,
+    report = correspondence_report(
+        correspondence={741: far, 981: far},
         correspondence_inverted={741: far, 981: far},
-        feature_grids={"up_blocks[2]": 16, "up_blocks[1]+up_blocks[2]": 16},
         energy_blocks={
             "up_blocks[2]": ["move", "resize"], "up_blocks[1]+up_blocks[2]": ["drag"]
         },

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, scenes
+from .edits import move_kind
 from .errors import InputError
 from .figures import annotate, contact_sheet, inset
 from .geometry import Point, dilate
@@ -72,8 +73,7 @@ class Example:
     def kind(self) -> str:
         """The edit whose model defaults it takes: its pipeline method, or "resize" for a move
         with a scale other than 1 (`edit_defaults.WEIGHTS`)."""
-        resized = self.edit == "move" and self.arguments.get("scale", 1) != 1
-        return "resize" if resized else self.edit
+        return move_kind(self.arguments.get("scale", 1.0)) if self.edit == "move" else self.edit
 
     @property
     def arrows(self) -> list[tuple[Point, Point]]:

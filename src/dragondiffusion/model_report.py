@@ -1054,10 +1054,9 @@ def measure(
             )
     del kept
     latent = side // pipe.vae_scale_factor
-    # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution.
-    coarse, fine = pipe.features.blocks
-    grids = {f"up_blocks[{coarse}]": latent // 2, f"up_blocks[{fine}]": latent}
-    grids[summed(pipe.features.blocks)] = latent  # on the finer block's grid
+    # feature_blocks picks the decoder blocks at 1/2 and 1/1 of the latent resolution; the two
+    # compared together are on the finer block's grid.
+    grids = dict(zip(measured_blocks(pipe), (latent // 2, latent, latent), strict=True))
 
     entropy_seeds = correspondence_seeds[:ENTROPY_SCENES]
     log(f"decoder self-attention entropy: {len(entropy_seeds)} scenes at t = {list(timesteps)}")

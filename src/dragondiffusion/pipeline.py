@@ -30,6 +30,7 @@ from .edits import (
     DragWeights,
     MoveWeights,
     PasteWeights,
+    move_kind,
     plan_appearance,
     plan_drag,
     plan_move,
@@ -607,7 +608,7 @@ class DragonPipeline(StableDiffusionPipeline):
         started, opts = time.perf_counter(), EditOptions(**options)
         if not np.isfinite(scale) or scale <= 0:
             raise InputError(f"scale must be a positive number, got {scale}")
-        edit = "move" if scale == 1 else "resize"
+        edit = move_kind(scale)
         inversion = self.prepare(image, prompt, opts, edit)
         region = None
         if reference_region is not None:

@@ -2,7 +2,7 @@
 
 from .appearance import AppearanceWeights, plan_appearance
 from .drag import DragWeights, plan_drag
-from .move import MoveWeights, plan_move
+from .move import MoveWeights, move_kind, plan_move
 from .paste import PasteWeights, plan_paste
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DragWeights",
     "MoveWeights",
     "PasteWeights",
+    "move_kind",
     "plan_appearance",
     "plan_drag",
     "plan_move",

@@ -40,6 +40,13 @@ from ..geometry import (
 from ..inversion import Inversion
 from ..sampler import EditPlan, scaled_step
 
+
+def move_kind(scale: float) -> str:
+    """The edit a move with this scale is, for its plan, record and model defaults: "move" at
+    scale 1, else "resize"."""
+    return "move" if scale == 1 else "resize"
+
+
 VACATED_NOISE_STREAM = 0x5EED
 """Offset of the seed of the vacated area's noise from the edit's seed, which the sampler's
 regional SDE draws from: the two must not be the same numbers."""
@@ -166,7 +173,7 @@ def plan_move(
         z_init = torch.where(vacated_latent, fresh, z_init)
     n = inversion.num_steps
     return EditPlan(
-        edit="move" if scale == 1 else "resize",
+        edit=move_kind(scale),
         z_init=z_init,
         energy=energy,
         edit_mask=target_latent.to(z_T.dtype),
