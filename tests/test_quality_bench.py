@@ -676,7 +676,7 @@ def test_one_benchmark_at_a_time_writes_to_a_folder(tmp_path):
         assert (out / quality.LOCK).read_text() == str(os.getpid())
 
 
-def test_the_fingerprint_follows_the_weights(pipe):
+def test_the_fingerprint_follows_the_weights(pipe, monkeypatch):
     first = quality.fingerprint(pipe)
     assert quality.fingerprint(pipe) == first and len(first) == 16
     weight = next(pipe.unet.parameters())
@@ -695,6 +695,25 @@ def test_the_fingerprint_follows_the_weights(pipe):
         assert quality.fingerprint(pipe) != first
     finally:
         pipe.edit_defaults = kept_defaults
+    # And the package's source: a development install changes code under one version string.
+    monkeypatch.setattr(quality, "source_digest", lambda: "edited")
+    assert quality.fingerprint(pipe) != first
+
+
+def test_the_source_digest_reads_every_module(tmp_path, monkeypatch):
+    package = tmp_path / "package"
+    (package / "bench").mkdir(parents=True)
+    (package / "bench" / "quality.py").write_text("")
+    (package / "edits.py").write_text("A = 1\n")
+    monkeypatch.setattr(quality, "__file__", str(package / "bench" / "quality.py"))
+    quality.source_digest.cache_clear()
+    try:
+        first = quality.source_digest()
+        (package / "edits.py").write_text("A = 2\n")
+        quality.source_digest.cache_clear()
+        assert quality.source_digest() != first
+    finally:
+        quality.source_digest.cache_clear()
 
 
 def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsys):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import itertools
 import json
@@ -440,14 +441,27 @@ class Earlier:
     """Torch threads per process it ran with (None: not recorded)."""
 
 
+@functools.cache
+def source_digest() -> str:
+    """A hash of this package's Python source (every module, by path): a development install
+    keeps its version string while its code changes what an edit does."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(pipe: DragonPipeline) -> str:
     """A short hash of what the results depend on besides the settings: the model's weights
     (UNet, text encoder, VAE: about 1024 evenly spaced values of each parameter, so SD 1.5
     costs no more than a tiny model), its latent scale, its edit defaults (dragondiffusion.json)
-    and this package's version. A run is continued only where all of them are the same."""
+    and this package's version and source (`source_digest`). A run is continued only where all
+    of them are the same."""
     digest = hashlib.sha256()
     context = (
         __version__,
+        source_digest(),
         pipe.vae.config.scaling_factor,
         sorted(pipe.edit_defaults.overrides.items()),
         sorted(pipe.edit_defaults.steps.items()),
@@ -716,8 +730,9 @@ def resumable(saved: dict[str, Any], pipe: DragonPipeline, stamp: str, folder: P
     known to be this run's."""
     if saved.get("fingerprint") != stamp:
         raise InputError(
-            f"--resume: the model (its weights or edit defaults) or the package's version "
-            f"differs from the run in {folder}; give another --out to benchmark this one"
+            f"--resume: the model (its weights or edit defaults) or the package (its version "
+            f"or source code) differs from the run in {folder}; give another --out to "
+            "benchmark this one"
         )
     if saved.get("device") != str(pipe.device):
         raise InputError(
