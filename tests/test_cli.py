@@ -179,3 +179,96 @@ def test_ctrl_c_is_a_message_and_exit_code_130(monkeypatch, capsys):
     assert "interrupted (finished scenes are kept: run it again with --resume)" in (
         capsys.readouterr().err
     )
+
+
+def test_check_output_refuses_folders_and_paths_that_cannot_be_written(tmp_path):
+    from dragondiffusion.cli import check_output
+    from dragondiffusion.errors import InputError
+
+    (tmp_path / "adir.png").mkdir()
+    (tmp_path / "image.png").write_bytes(b"x")
+    refused = {
+        tmp_path / "adir.png": "is a folder; choose another --out",
+        tmp_path / "image.png" / "out.png": f"{str(tmp_path / 'image.png')!r} is not a folder",
+        tmp_path / "image.png" / "sub" / "out.png": "is not a folder; choose another --out",
+    }
+    if Path("/proc/self").is_dir():  # as root os.access allows it, but no file can be made there
+        refused[Path("/proc/out.png")] = "cannot write in '/proc'; choose another --out"
+    for out, message in refused.items():
+        with pytest.raises(InputError) as err:
+            check_output(str(out), [])
+        assert str(err.value).startswith(f"--out {str(out)!r}") and message in str(err.value)
+    assert check_output(str(tmp_path / "new" / "deep" / "out.png"), []).name == "out.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "image.png"]
+
+
+def test_cli_refuses_an_unwritable_out_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "adir.png").mkdir()
+    args = [
+        "move", "--image", "in.png", "--mask", "m.png", "--from", "1,1", "--to", "2,2",
+        "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "adir.png"),
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dragondiffusion: error: --out ") and "is a folder" in err
+
+
+def test_unsupported_devices_are_refused(capsys, monkeypatch):
+    import torch
+
+    from dragondiffusion.errors import InputError
+    from dragondiffusion.models import pick_device
+
+    assert main(["info", "--device", "meta"]) == 2
+    assert "unsupported device 'meta'; use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InputError, match="has 2 CUDA GPU\\(s\\); use cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+
+
+def test_point_options_take_negative_values(monkeypatch):
+    from dragondiffusion import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_edit", seen.append)
+    common = ["--image", "a.png", "--out", "o.png"]
+    assert main(["paste", *common, "--ref-image", "r.png", "--ref-mask", "m.png",
+                 "--offset", "-10,0"]) == 0  # fmt: skip
+    assert main(["move", *common, "--mask", "m.png", "--from", "-1,-2", "--to", "-.5,3",
+                 "--seed", "-5"]) == 0  # fmt: skip
+    assert main(["drag", *common, "--mask", "m.png", "--drag", "-1,2:3,-4", "--drag",
+                 "1,2:3,4"]) == 0  # fmt: skip
+    paste, move = seen[0], seen[1]
+    assert paste.offset == (-10.0, 0.0)
+    assert (move.source, move.target, move.seed) == ((-1.0, -2.0), (-0.5, 3.0), -5)
+    assert seen[2].pairs == [((-1.0, 2.0), (3.0, -4.0)), ((1.0, 2.0), (3.0, 4.0))]
+
+
+def test_point_options_are_every_option_taking_a_point_or_pair():
+    import argparse
+
+    from dragondiffusion import cli
+
+    subparsers = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    typed = {
+        option
+        for command in subparsers.choices.values()
+        for action in command._actions
+        if action.type in (cli.point, cli.pair)
+        for option in action.option_strings
+    }
+    assert typed == set(cli.POINT_OPTIONS)
+
+
+def test_cli_reads_images_and_masks_before_loading_the_model(files, capsys):
+    """A bad mask is named before the model loads (here the model does not even exist), not
+    after a multi-second load of Stable Diffusion."""
+    PIL.Image.new("L", (10, 10), 255).save(files / "small.png")
+    args = move_args(files, files / "no-such-model", "--out", str(files / "o.png"))
+    args[args.index("--mask") + 1] = str(files / "small.png")
+    assert main(args) == 2
+    assert "object mask is 10×10 but the image is 160×96" in capsys.readouterr().err

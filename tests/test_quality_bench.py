@@ -892,3 +892,29 @@ def test_no_set_adds_no_rows():
         "baseline",
         *quality.MODES,
     ]
+
+
+def test_a_section_without_its_end_marker_is_refused_before_the_run(tmp_path):
+    from dragondiffusion.bench.sections import check_sections
+
+    docs = tmp_path / "benchmarks.md"
+    write_section(docs, "edit-costs:tiny", "Edit costs: tiny", "the cost table")
+    write_section(docs, "quality:tiny", "Quality: tiny", "the old table")
+    text = docs.read_text()
+    docs.write_text(text.replace("<!-- quality:tiny:end -->", ""))
+    broken = docs.read_text()
+    message = (
+        "has the start marker of section quality:tiny but no end marker; restore "
+        "`<!-- quality:tiny:end -->` or remove the start"
+    )
+    with pytest.raises(InputError, match=message):
+        write_section(docs, "quality:tiny", "Quality: tiny", "the new table")
+    check_sections(docs, "edit-costs:tiny")  # the other sections can still be written
+    # The benchmark refuses before its output folder is made or its model loaded (none here).
+    settings = quality.Settings(model=str(tmp_path / "tiny"), n=1, baseline=False)
+    with pytest.raises(InputError, match=message):
+        quality.quality(settings, tmp_path / "out", docs=docs, log=lambda _: None)
+    assert not (tmp_path / "out").exists() and docs.read_text() == broken
+    (tmp_path / "folder.md").mkdir()
+    with pytest.raises(InputError, match="is a folder; give the markdown file"):
+        write_section(tmp_path / "folder.md", "quality:tiny", "Quality: tiny", "the table")

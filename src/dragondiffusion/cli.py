@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__
 from .errors import InputError
 
 STEPS_HELP = "DDIM steps (default: the model's own for each edit, else 50)"
+POINT_OPTIONS = ("--from", "--to", "--drag", "--offset")
+"""The options whose values are points or pairs, which may start with a minus (--offset -10,0):
+`joined_values` keeps argparse from taking such a value for an option."""
 
 
 def point(text: str) -> tuple[float, float]:
@@ -221,14 +226,39 @@ def add_bench_parser(sub) -> None:
 
 
 def check_output(out: str, inputs: list[str | None]) -> Path:
-    """The output path, refusing to overwrite any input the user gave."""
+    """The output path, refusing to overwrite any input the user gave or a folder, and one
+    that cannot be written (checked before the model loads, not after the edit ran)."""
     path = Path(out)
     if path.suffix.lower() != ".png":
         raise InputError(f"--out {out!r} must end in .png (the parameters live in PNG metadata)")
+    if path.is_dir():
+        raise InputError(f"--out {out!r} is a folder; choose another --out, a PNG file's path")
     for given in inputs:
         if given and Path(given).exists() and path.exists() and path.samefile(given):
             raise InputError(f"--out {out!r} is one of the inputs; choose another output path")
+    check_writable(path, out)
     return path
+
+
+def check_writable(path: Path, out: str) -> None:
+    """Raise InputError unless a file may be made at `path`: its nearest existing ancestor must
+    be a folder this process may write in (the missing folders below it are made on writing)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--out {out!r}: {str(folder)!r} is not a folder; choose another --out")
+    if not (os.access(folder, os.W_OK | os.X_OK) and can_create_in(folder)):
+        raise InputError(f"--out {out!r}: cannot write in {str(folder)!r}; choose another --out")
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder` (os.access lets root write in /proc and the like)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def edit_options(args: argparse.Namespace) -> dict:
@@ -246,6 +276,28 @@ def edit_options(args: argparse.Namespace) -> dict:
     }
 
 
+MASK_NAMES = {"move": "object mask", "appearance": "object mask", "drag": "editable region"}
+"""What each edit's --mask is, in its errors (the pipeline's names)."""
+
+
+def read_inputs(args: argparse.Namespace) -> None:
+    """Read the images and masks the paths in `args` name, in their place: a bad file is an
+    error before the model loads, not after."""
+    from .io import load_image, load_mask
+
+    args.image = load_image(args.image)
+    if getattr(args, "ref_image", None) is not None:
+        args.ref_image = load_image(args.ref_image, "reference image")
+    masks = (
+        ("mask", MASK_NAMES.get(args.command, "mask"), args.image),
+        ("ref_mask", "reference mask", getattr(args, "ref_image", None)),
+        ("reference_region", "reference region", args.image),
+    )
+    for name, what, image in masks:
+        if getattr(args, name, None) is not None and image is not None:
+            setattr(args, name, load_mask(getattr(args, name), image.size, what))
+
+
 def run_edit(args: argparse.Namespace) -> None:
     """Load the model, run the subcommand's edit, write the PNG with its record."""
     from .models import load
@@ -255,6 +307,7 @@ def run_edit(args: argparse.Namespace) -> None:
     for option, value in (("--image-encoder", args.image_encoder), ("--ip-scale", args.ip_scale)):
         if value is not None and not args.ip_adapter:
             raise InputError(f"{option} is for the image prompt; give --ip-adapter as well")
+    read_inputs(args)
     pipe = load(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.ip_adapter:
@@ -386,8 +439,21 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def joined_values(argv: list[str]) -> list[str]:
+    """`argv` with each value of a point option that starts with a minus and a digit joined to
+    it (--offset -10,0 → --offset=-10,0): argparse reads only plain numbers as negative."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1] in POINT_OPTIONS and re.match(r"-\.?\d", token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(joined_values(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         set_threads(getattr(args, "threads", None))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,11 @@ SECTIONS = ("weights", "feature_blocks", "steps")
 """The entries a `dragondiffusion.json` may have (each optional)."""
 
 
-def weight_problem(name: str, value: float) -> str | None:
-    """What is wrong with `value` for weight `name`, or None: finite, ≥ 0, within its bound."""
+def weight_problem(name: str, value: object) -> str | None:
+    """What is wrong with `value` for weight `name`, or None: a number (not bool), finite, ≥ 0,
+    within its bound."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return "must be a number"
     try:
         value = float(value)
     except OverflowError:  # a JSON integer beyond float's range
@@ -64,6 +68,22 @@ def weight_problem(name: str, value: float) -> str | None:
     if name == "feature_substeps" and not whole_substeps(value):
         return "must be a whole number of DDIM steps ≥ 1"
     return None
+
+
+def checked_weights(edit: str, weights: object) -> Any:
+    """Weights given to `edit`: an instance of its dataclass (`WEIGHTS`) whose every field
+    passes `weight_problem`, else InputError naming the field."""
+    kind = WEIGHTS[edit]
+    if not isinstance(weights, kind):
+        raise InputError(
+            f"the weights of a {edit} must be a {kind.__name__}, not {type(weights).__name__}"
+        )
+    for item in fields(weights):
+        value = getattr(weights, item.name)
+        problem = weight_problem(item.name, value)
+        if problem is not None:
+            raise InputError(f"{kind.__name__}.{item.name} {problem}, got {value!r}")
+    return weights
 
 
 def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:
@@ -163,11 +183,9 @@ class EditDefaults:
                     raise InputError(
                         f"{source}: {edit} has no weight {name!r}; use {', '.join(sorted(known))}"
                     )
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise InputError(f"{source}: {edit}.{name} must be a number, not {value!r}")
                 problem = weight_problem(name, value)
                 if problem:
-                    raise InputError(f"{source}: {edit}.{name} {problem}")
+                    raise InputError(f"{source}: {edit}.{name} {problem}, not {value!r}")
             overrides[edit] = {name: float(value) for name, value in values.items()}
         blocks = parse_blocks(data.get("feature_blocks"), source)
         return cls(overrides, source, blocks, parse_steps(data.get("steps"), source))

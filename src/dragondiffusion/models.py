@@ -23,6 +23,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""The torch device types an edit runs on (others, such as meta, hold no numbers)."""
 EMBEDDED_MODEL = Path(__file__).parent / "demo_model"
 EMBEDDED_NAME = "dragondiffusion/demo_model"
 """The embedded model's name in records and reports (its folder moves with the install)."""
@@ -65,9 +67,16 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
             device = torch.device(device)
         except RuntimeError:
             raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        if device.type not in DEVICE_TYPES:
+            raise InputError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(
                 "device cuda was asked for but no CUDA GPU is available; use --device cpu"
+            )
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise InputError(
+                f"device {device} was asked for but this machine has {torch.cuda.device_count()} "
+                f"CUDA GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
             )
         mps = getattr(torch.backends, "mps", None)
         if device.type == "mps" and (mps is None or not mps.is_available()):

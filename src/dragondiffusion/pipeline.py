@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -24,7 +25,7 @@ from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
 from .composite import keep_background
 from .ddim import DDIMTimesteps
-from .edit_defaults import DEFAULT_STEPS, WEIGHTS, EditDefaults
+from .edit_defaults import DEFAULT_STEPS, WEIGHTS, EditDefaults, checked_weights
 from .edits import (
     AppearanceWeights,
     DragWeights,
@@ -36,7 +37,7 @@ from .edits import (
     plan_move,
     plan_paste,
 )
-from .errors import InputError
+from .errors import InputError, SamplingDiverged, require_number, require_point, require_whole
 from .features import FeatureExtractor
 from .geometry import Point, Size, scale_point, working_size
 from .image_prompt import ImagePrompt, encoder_folder, load_image_encoder, square, weight_file
@@ -78,16 +79,40 @@ class EditOptions:
             raise InputError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.output_size not in ("input", "working"):
             raise InputError(f"output_size must be 'input' or 'working', not {self.output_size!r}")
-        steps = self.num_inference_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
-            raise InputError(f"steps must be a whole number, got {steps!r}")
-        if steps is not None and steps < 2:
-            raise InputError(f"steps must be at least 2, got {steps}")
+        if self.num_inference_steps is not None:
+            object.__setattr__(self, "num_inference_steps", steps_given(self.num_inference_steps))
+        seed = require_whole("seed", self.seed)
+        if not -(2**63) <= seed < 2**64:
+            raise InputError(f"seed must lie in [-2**63, 2**64), got {seed}")
+        object.__setattr__(self, "seed", seed)
         for name in ("sde_strength", "sde_strength_outside"):
-            if not 0 <= getattr(self, name) <= 1:
+            if not 0 <= require_number(name, getattr(self, name)) <= 1:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not (np.isfinite(self.ip_scale) and self.ip_scale >= 0):
+        if require_number("ip_scale", self.ip_scale) < 0:
             raise InputError(f"ip_scale must be a number ≥ 0, got {self.ip_scale}")
+        for name in ("memory_bank", "keep_background"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def steps_given(steps: object) -> int:
+    """A step count given to an edit or an inversion: a whole number ≥ 2, else InputError."""
+    steps = require_whole("steps", steps)
+    if steps < 2:
+        raise InputError(f"steps must be at least 2, got {steps}")
+    return steps
+
+
+def prompt_given(prompt: object, what: str = "prompt") -> str:
+    """A prompt: text ("" for none), else InputError."""
+    if not isinstance(prompt, str):
+        raise InputError(f'{what} must be text ("" for none), got {prompt!r}')
+    return prompt
+
+
+MAX_RESOLUTION = 4096
+"""The largest working resolution (px, the side of a square of the same area) an edit accepts:
+SD 1.5 at 4096² already holds 262 144 latent cells, far beyond what it was trained for."""
 
 
 @dataclass
@@ -187,6 +212,12 @@ class DragonPipeline(StableDiffusionPipeline):
                 f"resolution must be a positive whole number of pixels, got {resolution!r}; "
                 f"leave it out for the model's native {self.native_resolution}"
             )
+        if resolution is not None and resolution > MAX_RESOLUTION:
+            raise InputError(
+                f"resolution {resolution} px is above the largest working size this package "
+                f"accepts ({MAX_RESOLUTION}); give a smaller one (this model's native is "
+                f"{self.native_resolution})"
+            )
         if resolution is not None and resolution < self.size_multiple:
             raise InputError(
                 f"resolution {resolution} px is below this model's smallest working size: its "
@@ -215,6 +246,11 @@ class DragonPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> PIL.Image.Image:
         x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        if not torch.isfinite(x).all():
+            raise SamplingDiverged(
+                f"the VAE decoded NaN or infinite values (in {str(self.vae.dtype)[6:]}); "
+                "load the model in float32 (--dtype float32)"
+            )
         return self.image_processor.postprocess(x.float(), output_type="pil")[0]
 
     # ---- image prompt (DiffEditor, optional) ------------------------------------------------
@@ -352,13 +388,13 @@ class DragonPipeline(StableDiffusionPipeline):
             num_inference_steps = (
                 DEFAULT_STEPS if edit is None else self.edit_defaults.num_steps(edit)
             )
-        if num_inference_steps < 2:
-            raise InputError(f"steps must be at least 2, got {num_inference_steps}")
+        num_inference_steps = steps_given(num_inference_steps)
         images = [load_image(image)]
-        prompts = [prompt]
+        prompts = [prompt_given(prompt)]
         if reference is not None:
             images.append(load_image(reference, "reference image"))
-            prompts.append(prompt if reference_prompt is None else reference_prompt)
+            given = prompt if reference_prompt is None else reference_prompt
+            prompts.append(prompt_given(given, "reference prompt"))
         size = self.working_size(images[0].size, resolution)
         z0 = torch.cat([self.encode_latent(im, size) for im in images])
         text = torch.cat([self.encode_text(p)[0] for p in prompts])
@@ -441,6 +477,16 @@ class DragonPipeline(StableDiffusionPipeline):
                     f"{steps}; leave the steps out (an inversion fixes them) or invert again "
                     f"with {steps} steps"
                 )
+            resolution = options.resolution
+            if resolution is not None:
+                size = self.working_size(image.input_sizes[0], resolution)
+                if size != image.working_size:
+                    raise InputError(
+                        f"the given inversion works at {image.working_size[0]}×"
+                        f"{image.working_size[1]}, resolution {resolution} asks for "
+                        f"{size[0]}×{size[1]}; leave the resolution out (an inversion fixes "
+                        "it) or invert again with it"
+                    )
             return image
         return self.invert(
             image,
@@ -540,6 +586,7 @@ class DragonPipeline(StableDiffusionPipeline):
 
     def to_working(self, inversion: Inversion, point: Point, what: str) -> Point:
         """A point in input-image pixels → working-image pixels; must lie in the image."""
+        point = require_point(point, what)
         w, h = inversion.input_sizes[0]
         if not (0 <= point[0] <= w and 0 <= point[1] <= h):
             raise InputError(f"{what} {tuple(point)} lies outside the {w}×{h} image")
@@ -568,6 +615,13 @@ class DragonPipeline(StableDiffusionPipeline):
                 f"edit_defaults must be an EditDefaults (dragondiffusion.edit_defaults), "
                 f"got {type(defaults).__name__}; EditDefaults.read(folder) reads a bundle's"
             )
+        most = self.scheduler.config.num_train_timesteps
+        for edit, count in defaults.steps.items():
+            if count > most:
+                raise InputError(
+                    f"{defaults.source}: steps of {edit} is {count}, more than the model's "
+                    f"{most} training timesteps; give at most {most}"
+                )
         self.feature_overrides = {
             edit: FeatureExtractor(self.unet, blocks)
             for edit in WEIGHTS
@@ -584,6 +638,10 @@ class DragonPipeline(StableDiffusionPipeline):
     def weights_from(self, given: object) -> str:
         """Where an edit's weights came from, for its record."""
         return "argument" if given is not None else self.edit_defaults.source
+
+    def weights_for(self, edit: str, given: object) -> Any:
+        """The weights an edit runs with: those given (checked), else the model's defaults."""
+        return self.edit_defaults.weights(edit) if given is None else checked_weights(edit, given)
 
     def move(
         self,
@@ -606,8 +664,7 @@ class DragonPipeline(StableDiffusionPipeline):
         parameter record.
         """
         started, opts = time.perf_counter(), EditOptions(**options)
-        if not np.isfinite(scale) or scale <= 0:
-            raise InputError(f"scale must be a positive number, got {scale}")
+        scale = require_number("scale", scale, positive=True)
         edit = move_kind(scale)
         inversion = self.prepare(image, prompt, opts, edit)
         region = None
@@ -620,7 +677,7 @@ class DragonPipeline(StableDiffusionPipeline):
             self.to_working(inversion, target, "--to point"),
             scale,
             region,
-            weights or self.edit_defaults.weights(edit),
+            self.weights_for(edit, weights),
             seed=opts.seed,
         )
         plan.params.update({"from": list(source), "to": list(target)})
@@ -649,7 +706,7 @@ class DragonPipeline(StableDiffusionPipeline):
             inversion,
             self.mask_tensor(mask, inversion, "object mask"),
             self.mask_tensor(reference_mask, inversion, "reference mask", index=1),
-            weights or self.edit_defaults.weights("appearance"),
+            self.weights_for("appearance", weights),
         )
         plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)
@@ -666,6 +723,7 @@ class DragonPipeline(StableDiffusionPipeline):
         """Drag content: each (handle, target) pair of input-image points moves the content at
         the handle to the target, within the editable region `mask`."""
         started, opts = time.perf_counter(), EditOptions(**options)
+        points = point_pairs(points)
         inversion = self.prepare(image, prompt, opts, "drag")
         working = [
             (
@@ -675,7 +733,7 @@ class DragonPipeline(StableDiffusionPipeline):
             for n, (h, t) in enumerate(points)
         ]
         region = self.mask_tensor(mask, inversion, "editable region")
-        plan = plan_drag(inversion, region, working, weights or self.edit_defaults.weights("drag"))
+        plan = plan_drag(inversion, region, working, self.weights_for("drag", weights))
         plan.params["points"] = [[list(h), list(t)] for h, t in points]
         plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)
@@ -695,8 +753,8 @@ class DragonPipeline(StableDiffusionPipeline):
         """Paste the object in `reference_mask` of `reference` into `image`, moved by `offset`
         (dx, dy input-image pixels) from where it sits in the reference, scaled by `scale`."""
         started, opts = time.perf_counter(), EditOptions(**options)
-        if not np.isfinite(scale) or scale <= 0:
-            raise InputError(f"scale must be a positive number, got {scale}")
+        scale = require_number("scale", scale, positive=True)
+        offset = require_point(offset, "offset")
         inversion = self.prepare(image, prompt, opts, "paste", reference, reference_prompt)
         w, h = inversion.input_sizes[0]
         working_offset = (
@@ -708,8 +766,25 @@ class DragonPipeline(StableDiffusionPipeline):
             self.mask_tensor(reference_mask, inversion, "reference mask", index=1),
             working_offset,
             scale,
-            weights or self.edit_defaults.weights("paste"),
+            self.weights_for("paste", weights),
         )
         plan.params["offset"] = list(offset)
         plan.params["weights_from"] = self.weights_from(weights)
         return self.run_plan(inversion, plan, opts, started)
+
+
+def point_pairs(points: object) -> list[tuple[Point, Point]]:
+    """Drag points as a list of (handle, target) pairs of (x, y) numbers, else InputError."""
+    message = "points must be a list of ((x, y), (x, y)) pairs: (handle, target) in pixels"
+    if isinstance(points, str | bytes) or not isinstance(points, Iterable):
+        raise InputError(f"{message}; got {points!r}")
+    pairs = []
+    for n, pair in enumerate(points):
+        try:
+            handle, target = pair
+        except (TypeError, ValueError):
+            raise InputError(f"{message}; pair {n + 1} is {pair!r}") from None
+        pairs.append(
+            (require_point(handle, f"handle {n + 1}"), require_point(target, f"target {n + 1}"))
+        )
+    return pairs

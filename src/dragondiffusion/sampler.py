@@ -36,7 +36,7 @@ import torch
 
 from .attention import BankMode, MemoryBank
 from .ddim import DDIMTimesteps, invert_step, predict_x0, sigma, step_to
-from .errors import InputError, require_share
+from .errors import InputError, SamplingDiverged, require_share
 from .features import FeatureExtractor, energy_grid, upsample
 from .geometry import grow
 from .inversion import Inversion
@@ -209,6 +209,10 @@ class EditPlan:
     one with one more plain conditional UNet pass (no gradient through it). 1: one jump."""
 
     def __post_init__(self) -> None:
+        for name in ("guidance_scale", "energy_scale", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise InputError(f"{name} must be a finite number ≥ 0, got {value!r}")
         require_share("blend_background", self.blend_background, "of the steps")
         t = self.feature_timestep
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
@@ -432,6 +436,19 @@ class Sampler:
         return outside * self.inversion.at_step(i + 1)[:1] + (1 - outside) * z
 
     @torch.no_grad()
+    def require_finite(self, i: int, z: torch.Tensor) -> None:
+        """Stop where the latent leaves the finite numbers (a NaN spreads to every later step
+        and decodes to a black image): SamplingDiverged naming the step and the scales."""
+        if bool(torch.isfinite(z).all()):
+            return
+        plan = self.plan
+        raise SamplingDiverged(
+            f"the {plan.edit} diverged at step {i + 1} of {len(self.steps)}: its latent holds "
+            f"NaN or infinite values. Lower energy_scale (now {plan.energy_scale:g}) or "
+            f"guidance_scale (now {plan.guidance_scale:g}), or the image prompt's scale; in "
+            "float16, try float32"
+        )
+
     def run(self) -> torch.Tensor:
         z = self.plan.z_init
         blended = self.plan.blend_steps(len(self.steps))
@@ -454,6 +471,7 @@ class Sampler:
                     z = self.plan.statistics.apply(z, self.inversion.at_step(i + 1))
                 if outside is not None and i < blended:  # last: nothing outside may move
                     z = self.blend(i, z, outside)
+                self.require_finite(i, z)
                 if self.callback is not None:
                     self.callback({"i": i, "z": z, "guided": guided, "runs": runs})
         finally:

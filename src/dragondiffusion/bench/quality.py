@@ -77,7 +77,7 @@ from .metrics import (
     ssim,
 )
 from .report import COLUMNS, brief, model_label, section, sheet, summary, table
-from .sections import write_section
+from .sections import check_sections, write_section
 from .workers import check_workers, side_by_side, threads_each
 
 if TYPE_CHECKING:
@@ -806,12 +806,20 @@ def quality(
     per process for the same numbers).
     """
     check_workers(workers, threads)
+    if docs is not None:
+        check_sections(docs, docs_section(settings.model)[0])  # fail now, not after the run
     folder = prepare_output(out, SUMMARY, "quality benchmark", own=(LOCK,))
     with folder_lock(folder):
         saved = read_earlier(folder, settings, resume)
         if resume and saved is None:
             log(f"--resume: no earlier run in {folder}; starting afresh")
         return measured(settings, folder, docs, log, saved, workers, threads)
+
+
+def docs_section(model: str | None) -> tuple[str, str]:
+    """The key and title of `model`'s section in the docs file."""
+    label = model_label(model)
+    return f"quality:{label}", f"Quality: {label}"
 
 
 def measured(
@@ -864,8 +872,8 @@ def measured(
     write_text(folder / SUMMARY, summary(done, "complete"))
     log(table(done))
     if docs is not None:
-        label = model_label(settings.model)
-        write_section(docs, f"quality:{label}", f"Quality: {label}", text)
-        log(f"wrote the section 'Quality: {label}' of {docs}")
+        key, title = docs_section(settings.model)
+        write_section(docs, key, title, text)
+        log(f"wrote the section '{title}' of {docs}")
     log(f"wrote {folder}/contact_sheet.png, quality.md and {SUMMARY} in {done.seconds:.1f} s")
     return done

@@ -8,14 +8,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from ..io import atomic_write
+
+
+def markers(key: str) -> tuple[str, str]:
+    """The start and end markers of section `key`."""
+    return f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+
+
+def check_sections(path: str | Path, key: str) -> None:
+    """Raise InputError unless `write_section` can write section `key` into the file at `path`:
+    a folder or non-text file there, or the section's start marker without its end marker."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{str(path)!r} is a folder; give the markdown file for the section")
+    if not path.exists():
+        return
+    start, end = markers(key)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{str(path)!r} is not UTF-8 text; give the markdown file") from None
+    if start in text and end not in text.split(start, 1)[1]:
+        raise InputError(
+            f"{str(path)!r} has the start marker of section {key} but no end marker; restore "
+            f"`{end}` or remove the start"
+        )
 
 
 def write_section(path: str | Path, key: str, title: str, body: str) -> Path:
     """Put `body` under `## title` in the file at `path`, replacing the earlier section of `key`;
-    a new section goes at the end, a new file starts with "# Benchmarks"."""
+    a new section goes at the end, a new file starts with "# Benchmarks". See `check_sections`."""
+    check_sections(path, key)
     path = Path(path)
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    start, end = markers(key)
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     section = f"{start}\n## {title}\n\n{body}\n{end}"
     if start in text:

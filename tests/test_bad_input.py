@@ -1,0 +1,125 @@
+"""Bad values given to the Python API: a clear InputError before any work, never a traceback
+from inside torch, PIL or diffusers, and never a NaN written as a black image."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dragondiffusion.edit_defaults import EditDefaults
+from dragondiffusion.edits import DragWeights, MoveWeights
+from dragondiffusion.errors import InputError, SamplingDiverged
+from dragondiffusion.pipeline import MAX_RESOLUTION, EditOptions
+
+FROM, TO = (35, 45), (100, 45)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(seed="abc"), "seed must be a whole number"),
+        (dict(seed=1.5), "seed must be a whole number"),
+        (dict(seed=2**64), r"seed must lie in \[-2\*\*63, 2\*\*64\)"),
+        (dict(num_inference_steps=2.5), "steps must be a whole number"),
+        (dict(num_inference_steps=True), "steps must be a whole number"),
+        (dict(sde_strength="0.5"), "sde_strength must be a number"),
+        (dict(ip_scale=math.inf), "ip_scale must be a finite number"),
+        (dict(keep_background="yes"), "keep_background must be True or False"),
+    ],
+)
+def test_edit_options_refuse_values_of_the_wrong_kind(options, match):
+    with pytest.raises(InputError, match=match):
+        EditOptions(**options)
+
+
+def test_edit_options_take_numpy_integers_as_python_ints():
+    options = EditOptions(num_inference_steps=np.int64(4), seed=np.uint32(7))
+    assert type(options.num_inference_steps) is int and options.num_inference_steps == 4
+    assert type(options.seed) is int and options.seed == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_inference_steps=2.5), "steps must be a whole number"),
+        (dict(num_inference_steps="3"), "steps must be a whole number"),
+        (dict(prompt=None), r'prompt must be text \(""'),
+        (dict(reference=True, reference_prompt=3), "reference prompt must be text"),
+    ],
+)
+def test_invert_refuses_values_of_the_wrong_kind(pipe, scene, kwargs, match):
+    if kwargs.pop("reference", None):
+        kwargs["reference"] = scene[0]
+    with pytest.raises(InputError, match=match):
+        pipe.invert(scene[0], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scale="2"), "scale must be a number"),
+        (dict(scale=math.nan), "scale must be a positive number"),
+        (dict(target=(80,)), r"--to point must be an \(x, y\) pair"),
+        (dict(target=(80, math.nan)), "--to point y must be a finite number"),
+        (dict(source="40,64"), r"--from point must be an \(x, y\) pair"),
+        (dict(scale=1e-6), "less than one cell of the 32×48 feature grid"),
+        (dict(weights=DragWeights()), "the weights of a move must be a MoveWeights"),
+        (dict(weights=MoveWeights(guidance_scale=math.nan)), "guidance_scale must be finite"),
+        (dict(weights=MoveWeights(energy_scale=-1.0)), "energy_scale must be finite and ≥ 0"),
+        (dict(weights=MoveWeights(w_edit="4")), "MoveWeights.w_edit must be a number"),
+        (dict(resolution=256), "leave the resolution out"),
+    ],
+)
+def test_move_refuses_bad_values_before_sampling(pipe, scene, inversion, kwargs, match):
+    args = dict(mask=scene[1], source=FROM, target=TO)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=match):
+        pipe.move(inversion, **args)
+
+
+def test_move_scale_may_be_a_numpy_number(pipe, scene, inversion):
+    result = pipe.move(inversion, scene[1], FROM, TO, scale=np.float32(1.0), seed=0)
+    assert result.record["edit"] == "move" and result.record["scale"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "points,match",
+    [
+        ((40, 64, 60, 64), r"pair 1 is 40"),
+        ([((40, 64),)], r"pair 1 is \(\(40, 64\),\)"),
+        ([((40, 64), (60,))], r"target 1 must be an \(x, y\) pair"),
+        ("40,64 60,64", r"points must be a list of \(\(x, y\), \(x, y\)\) pairs"),
+    ],
+)
+def test_drag_refuses_malformed_points(pipe, scene, inversion, points, match):
+    with pytest.raises(InputError, match=match):
+        pipe.drag(inversion, np.ones_like(scene[1]), points)
+
+
+def test_paste_refuses_a_malformed_offset(pipe, scene):
+    with pytest.raises(InputError, match="offset x must be a finite number"):
+        pipe.paste(scene[0], scene[0], scene[1], offset=(math.nan, 0))
+
+
+def test_resolution_has_an_upper_bound(pipe):
+    with pytest.raises(InputError, match=f"above the largest working size.*{MAX_RESOLUTION}"):
+        pipe.working_size((160, 96), MAX_RESOLUTION + 1)
+    assert pipe.working_size((160, 96), MAX_RESOLUTION)[0] > 0
+
+
+def test_a_diverging_edit_stops_with_a_clear_error_not_a_black_image(pipe, scene, inversion):
+    """An energy scale far beyond any model's (here 1e30) overflows the latent: the sampler stops
+    at that step instead of decoding NaN to an all-black PNG."""
+    weights = MoveWeights(energy_scale=1e30)
+    with pytest.raises(SamplingDiverged, match=r"the move diverged at step \d+ of 10.*1e\+30"):
+        pipe.move(inversion, scene[1], FROM, TO, weights=weights)
+
+
+def test_a_bundle_asking_more_steps_than_the_model_has_names_its_file(pipe):
+    kept = pipe.edit_defaults
+    defaults = EditDefaults.parse({"steps": {"drag": 5000}}, "bundle/dragondiffusion.json")
+    with pytest.raises(InputError, match=r"bundle/dragondiffusion\.json: steps of drag is 5000"):
+        pipe.edit_defaults = defaults
+    assert pipe.edit_defaults is kept
