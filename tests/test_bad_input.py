@@ -4,13 +4,17 @@ from inside torch, PIL or diffusers, and never a NaN written as a black image.""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from dragondiffusion.edit_defaults import EditDefaults
 from dragondiffusion.edits import DragWeights, MoveWeights
 from dragondiffusion.errors import InputError, SamplingDiverged
+from dragondiffusion.geometry import require_visible
+from dragondiffusion.io import read_record
 from dragondiffusion.pipeline import MAX_RESOLUTION, EditOptions
 
 FROM, TO = (35, 45), (100, 45)
@@ -27,6 +31,7 @@ FROM, TO = (35, 45), (100, 45)
         (dict(sde_strength="0.5"), "sde_strength must be a number"),
         (dict(ip_scale=math.inf), "ip_scale must be a finite number"),
         (dict(keep_background="yes"), "keep_background must be True or False"),
+        (dict(memory_bank=2), "memory_bank must be True or False"),
     ],
 )
 def test_edit_options_refuse_values_of_the_wrong_kind(options, match):
@@ -34,10 +39,23 @@ def test_edit_options_refuse_values_of_the_wrong_kind(options, match):
         EditOptions(**options)
 
 
-def test_edit_options_take_numpy_integers_as_python_ints():
-    options = EditOptions(num_inference_steps=np.int64(4), seed=np.uint32(7))
+def test_edit_options_take_numpy_numbers_and_flags_as_python_ones():
+    """What the record (JSON) holds must be Python's own types, whatever the caller passed."""
+    options = EditOptions(
+        num_inference_steps=np.int64(4),
+        seed=np.uint32(7),
+        resolution=np.int64(128),
+        sde_strength=np.float32(0.5),
+        ip_scale=np.float64(0.2),
+        keep_background=1,
+        memory_bank=np.bool_(False),
+    )
     assert type(options.num_inference_steps) is int and options.num_inference_steps == 4
     assert type(options.seed) is int and options.seed == 7
+    assert type(options.resolution) is int and options.resolution == 128
+    assert type(options.sde_strength) is float and options.sde_strength == 0.5
+    assert type(options.ip_scale) is float
+    assert options.keep_background is True and options.memory_bank is False
 
 
 @pytest.mark.parametrize(
@@ -64,7 +82,7 @@ def test_invert_refuses_values_of_the_wrong_kind(pipe, scene, kwargs, match):
         (dict(target=(80,)), r"--to point must be an \(x, y\) pair"),
         (dict(target=(80, math.nan)), "--to point y must be a finite number"),
         (dict(source="40,64"), r"--from point must be an \(x, y\) pair"),
-        (dict(scale=1e-6), "less than one cell of the 32×48 feature grid"),
+        (dict(scale=1e-6), "less than one cell of the 48×32 feature grid"),
         (dict(weights=DragWeights()), "the weights of a move must be a MoveWeights"),
         (dict(weights=MoveWeights(guidance_scale=math.nan)), "guidance_scale must be finite"),
         (dict(weights=MoveWeights(energy_scale=-1.0)), "energy_scale must be finite and ≥ 0"),
@@ -79,9 +97,31 @@ def test_move_refuses_bad_values_before_sampling(pipe, scene, inversion, kwargs,
         pipe.move(inversion, **args)
 
 
-def test_move_scale_may_be_a_numpy_number(pipe, scene, inversion):
-    result = pipe.move(inversion, scene[1], FROM, TO, scale=np.float32(1.0), seed=0)
+def test_numpy_numbers_given_to_a_move_reach_a_json_record(pipe, scene, inversion, tmp_path):
+    weights = replace(MoveWeights(), energy_scale=np.float32(400.0), w_edit=np.int64(4))
+    result = pipe.move(
+        inversion,
+        scene[1],
+        np.array(FROM),
+        np.array(TO, np.float32),
+        scale=np.float32(1.0),
+        weights=weights,
+        seed=np.int64(0),
+        sde_strength=np.float32(0.4),
+    )
     assert result.record["edit"] == "move" and result.record["scale"] == 1.0
+    assert result.record["from"] == [35.0, 45.0] and result.record["weights"]["w_edit"] == 4.0
+    result.save(tmp_path / "out.png")
+    assert read_record(tmp_path / "out.png")["energy_scale"] == 400.0
+
+
+def test_a_one_cell_object_may_shrink_a_little():
+    """A shrink whose expected size is under a cell is refused only where nothing is left."""
+    one = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    one[..., 3, 3] = True
+    require_visible(one, one, 0.9, "the moved object")  # 0.81 of a cell expected, 1 kept
+    with pytest.raises(InputError, match="less than one cell of the 8×8 feature grid"):
+        require_visible(torch.zeros_like(one), one, 0.9, "the moved object")
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,9 @@ def test_image_prompt_changes_the_edit_and_is_recorded(ip_pipe, pipe, scene, ada
         "image": "input",
     }
     assert without.record["image_prompt"] is None
+    # diffusers leaves an adapter's projections trainable; the pipeline freezes them again.
+    assert not any(p.requires_grad for p in ip_pipe.unet.parameters())
+    assert not with_prompt.latent.requires_grad
 
 
 def test_unconditional_embedding_encodes_an_all_zeros_image(ip_pipe):

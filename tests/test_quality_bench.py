@@ -25,7 +25,7 @@ from dragondiffusion.bench import ABLATIONS, EDITS, baseline, cases, metrics, qu
 from dragondiffusion.bench.sections import write_section
 from dragondiffusion.cli import main
 from dragondiffusion.edit_defaults import EditDefaults
-from dragondiffusion.errors import InputError
+from dragondiffusion.errors import InputError, SamplingDiverged
 from dragondiffusion.features import FeatureExtractor
 from dragondiffusion.geometry import dilate
 from dragondiffusion.model_report import masked_psnr, psnr
@@ -416,6 +416,20 @@ def test_keep_background_composites_the_methods_output_instead_of_sampling_again
     reused, inverting = quality.produce(pipe, case, variants["keep-background"], {}, 0, 4.0, made)
     assert np.array_equal(reused, alone) and inverting == 0.0 and len(made) == 1
     assert not np.array_equal(reused, method)
+
+
+def test_a_diverging_variant_scores_black_and_the_run_goes_on(pipe, drawn, monkeypatch):
+    """A --set value too strong for the model stops its edit (SamplingDiverged); the benchmark
+    scores that output as nothing rather than stopping every other row."""
+
+    def diverge(*args, **kwargs):
+        raise SamplingDiverged("the move diverged at step 3 of 4")
+
+    monkeypatch.setattr(quality, "run_example", diverge)
+    variants = {v.name: v for v in quality.Settings(steps=4).variants()}
+    case = drawn["move"][0]
+    output, inverting = quality.produce(pipe, case, variants["diffeditor"], {}, 0, 4.0)
+    assert output.shape == case.expected.shape and not output.any() and inverting == 0.0
 
 
 def test_an_ablation_of_a_part_the_edit_lacks_reuses_the_methods_output(pipe, monkeypatch):

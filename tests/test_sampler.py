@@ -197,3 +197,16 @@ def test_substeps_are_a_whole_number(pipe, inversion, bad):
     assert (
         level_sampler(pipe, inversion, 520.0, guided={0}, substeps=3.0).plan.feature_substeps == 3
     )
+
+
+def test_sampling_builds_no_autograd_graph_even_with_trainable_weights(pipe, scene, inversion):
+    """The sampler runs under no_grad (the energies take their own gradients): a UNet weight
+    left trainable (as diffusers leaves an IP-Adapter's) must not chain every step's latent
+    into one growing graph."""
+    weight = next(pipe.unet.parameters())
+    weight.requires_grad_(True)
+    try:
+        result = pipe.move(inversion, scene[1], (35, 45), (100, 45), num_inference_steps=10)
+    finally:
+        weight.requires_grad_(False)
+    assert not result.latent.requires_grad

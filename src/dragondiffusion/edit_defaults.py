@@ -72,7 +72,8 @@ def weight_problem(name: str, value: object) -> str | None:
 
 def checked_weights(edit: str, weights: object) -> Any:
     """Weights given to `edit`: an instance of its dataclass (`WEIGHTS`) whose every field
-    passes `weight_problem`, else InputError naming the field."""
+    passes `weight_problem` (as Python floats, for the record), else InputError naming the
+    field."""
     kind = WEIGHTS[edit]
     if not isinstance(weights, kind):
         raise InputError(
@@ -83,7 +84,9 @@ def checked_weights(edit: str, weights: object) -> Any:
         problem = weight_problem(item.name, value)
         if problem is not None:
             raise InputError(f"{kind.__name__}.{item.name} {problem}, got {value!r}")
-    return weights
+    return replace(
+        weights, **{item.name: float(getattr(weights, item.name)) for item in fields(weights)}
+    )
 
 
 def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:

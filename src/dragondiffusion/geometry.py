@@ -227,11 +227,11 @@ def mask_centre(mask: torch.Tensor, image_size: Size) -> Point:
 def require_visible(target: torch.Tensor, original: torch.Tensor, scale: float, what: str) -> None:
     """Raise InputError when less than half of a moved/scaled region stays inside the image."""
     expected = float(original.sum()) * scale * scale
-    if expected < 1:
+    if expected < 1 and not target.any():
         smallest = 1 / math.sqrt(max(1.0, float(original.sum())))
         raise InputError(
-            f"{what} would shrink to less than one cell of the {target.shape[-2]}×"
-            f"{target.shape[-1]} feature grid at scale {scale:g}; give a scale of at least "
+            f"{what} would shrink to less than one cell of the {target.shape[-1]}×"
+            f"{target.shape[-2]} feature grid at scale {scale:g}; give a scale of at least "
             f"{smallest:.2g}"
         )
     visible = float(target.sum()) / expected

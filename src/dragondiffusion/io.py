@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -50,44 +51,48 @@ def bomb_size(err: PIL.Image.DecompressionBombError) -> str:
     return f"{pixels}, at most {limit:,}"
 
 
-def upright(image: PIL.Image.Image) -> PIL.Image.Image:
-    """`image` as it is displayed: turned by its EXIF orientation (a phone photo's), 8-bit.
-
-    A copy: the caller's image is left as it was. 16-bit and float greyscale (modes I;16*, I, F)
-    become 8-bit greyscale ("L") by value, where Pillow's own conversion would clip them white.
-    """
-    image = PIL.ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        image = PIL.Image.fromarray(eight_bit(np.asarray(image), image.mode))
-    return image
+def read_upright(path: Path, what: str) -> PIL.Image.Image:
+    """The image file at `path` as viewers show it: turned by its EXIF orientation (a phone
+    photo's). Only files: an image or array the caller made is taken as it is, like the masks
+    and points the caller made on it."""
+    return PIL.ImageOps.exif_transpose(open_image(path, what))
 
 
-def eight_bit(levels: np.ndarray, mode: str) -> np.ndarray:
-    """Greyscale levels of Pillow mode I;16*, I (read as 16-bit data) or F as uint8 levels: 16-bit
-    ones /257; floats ×255 when they lie in [0, 1], else as they are, clipped to [0, 255]."""
-    levels = levels.astype(np.float64)
-    if mode == "F":
+def high_bit(image: PIL.Image.Image) -> bool:
+    """Whether `image` is greyscale of more than 8 bits (Pillow modes I;16*, I, F)."""
+    return image.mode.startswith("I;16") or image.mode in ("I", "F")
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A greyscale image of more than 8 bits as 8-bit ("L") by value, where Pillow's own
+    conversion clips it white: 16-bit levels /257 (mode I only when they exceed 255: it also
+    holds 8-bit data); floats ×255 when they lie in [0, 1], else as they are; clipped to
+    [0, 255]. Other images as they are."""
+    if not high_bit(image):
+        return image
+    levels = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
         finite = levels[np.isfinite(levels)]
         in_unit = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
         levels = np.nan_to_num(levels * 255 if in_unit else levels)
-    else:
+    elif image.mode != "I" or levels.max() > 255:
         levels = levels / 257
-    return np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
 
 
 def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray, what: str = "image"):
     """An RGB PIL image from a path, a PIL image or an (H, W[, 1|3|4]) uint8 array.
 
-    Paths and PIL images are turned upright by their EXIF orientation, as viewers show them (and
-    as masks are drawn on them); 16-bit greyscale is scaled to 8 bits; alpha is dropped.
+    Files are turned upright by their EXIF orientation, as viewers show them (and as masks are
+    drawn on them); 16-bit greyscale is scaled to 8 bits (`eight_bit`); alpha is dropped.
     """
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(Path(image), what)
+        image = read_upright(Path(image), what)
     elif isinstance(image, np.ndarray):
         image = PIL.Image.fromarray(image_array(image, what))
     if not isinstance(image, PIL.Image.Image):
         raise InputError(f"{what} must be a path, a PIL image or a uint8 array, not {type(image)}")
-    image = upright(image)
+    image = eight_bit(image)
     if image.width < 8 or image.height < 8:
         raise InputError(f"{what} is {image.width}×{image.height}; give an image of at least 8×8")
     return image.convert("RGB")
@@ -108,15 +113,15 @@ def image_array(image: np.ndarray, what: str) -> np.ndarray:
 def load_mask(mask, size: tuple[int, int], what: str = "mask") -> np.ndarray:
     """A boolean (H, W) array from a path, PIL image or array; white/non-zero/True = selected.
 
-    `size` is the (width, height) of the image the mask belongs to; sizes must match. Paths and
-    PIL images are turned upright by their EXIF orientation, as `load_image` turns the image;
-    16-bit greyscale selects above half its range. An 8-bit mask whose values are exactly 0 and
-    1 (as segmentation tools save them) selects its 1s; any other selects its white (>127).
+    `size` is the (width, height) of the image the mask belongs to; sizes must match. Files are
+    turned upright by their EXIF orientation, as `load_image` turns the image. A mask whose
+    values are exactly 0 and 1 (as segmentation tools save them, 8 or 16 bits) selects its 1s;
+    any other selects its white (>127; 16-bit: above half its range).
     """
     if isinstance(mask, (str, os.PathLike)):
-        mask = open_image(Path(mask), what)
+        mask = read_upright(Path(mask), what)
     if isinstance(mask, PIL.Image.Image):
-        levels = image_levels(upright(mask))
+        levels = image_levels(mask)
     elif isinstance(mask, np.ndarray):
         levels = array_levels(mask)
     else:
@@ -135,7 +140,13 @@ def load_mask(mask, size: tuple[int, int], what: str = "mask") -> np.ndarray:
 
 
 def image_levels(mask: PIL.Image.Image) -> np.ndarray:
-    """A mask image's uint8 levels: its greyscale, or its opacity when only that varies."""
+    """A mask image's uint8 levels: its greyscale, or its opacity when only that varies; a
+    greyscale of more than 8 bits holding only 0 and 1: those, as booleans."""
+    if high_bit(mask):
+        raw = np.asarray(mask)
+        if raw.min() == 0 and raw.max() == 1:
+            return raw == 1
+        mask = eight_bit(mask)
     if "A" in mask.getbands() and mask.mode != "L":
         alpha = np.asarray(mask.getchannel("A"))
         grey = np.asarray(mask.convert("L"))
@@ -180,8 +191,8 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     tmp = temporary_beside(path)
     try:
         write(tmp)
-        sync(tmp)
         try:
+            sync(tmp)
             os.replace(tmp, path)
         except OSError as err:
             raise unwritable(path, err) from None
@@ -209,10 +220,14 @@ def unwritable(path: Path, err: OSError) -> InputError:
 
 
 def sync(path: str) -> None:
-    """Make the file at `path` reach the disk, so a crash cannot leave an empty one renamed."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make the file at `path` reach the disk, so a crash cannot leave an empty one renamed
+    (where the file system cannot, as some network ones, the file is left as written)."""
+    fd = os.open(path, os.O_RDWR)  # Windows syncs writable handles only
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

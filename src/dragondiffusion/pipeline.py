@@ -85,14 +85,22 @@ class EditOptions:
         if not -(2**63) <= seed < 2**64:
             raise InputError(f"seed must lie in [-2**63, 2**64), got {seed}")
         object.__setattr__(self, "seed", seed)
+        if self.resolution is not None:
+            object.__setattr__(self, "resolution", require_whole("resolution", self.resolution))
         for name in ("sde_strength", "sde_strength_outside"):
-            if not 0 <= require_number(name, getattr(self, name)) <= 1:
+            value = require_number(name, getattr(self, name))
+            if not 0 <= value <= 1:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if require_number("ip_scale", self.ip_scale) < 0:
+            object.__setattr__(self, name, value)
+        ip_scale = require_number("ip_scale", self.ip_scale)
+        if ip_scale < 0:
             raise InputError(f"ip_scale must be a number ≥ 0, got {self.ip_scale}")
+        object.__setattr__(self, "ip_scale", ip_scale)
         for name in ("memory_bank", "keep_background"):
-            if not isinstance(getattr(self, name), bool | np.bool_):
-                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_ | int | np.integer) or value not in (0, 1):
+                raise InputError(f"{name} must be True or False, got {value!r}")
+            object.__setattr__(self, name, bool(value))
 
 
 def steps_given(steps: object) -> int:
@@ -314,6 +322,7 @@ class DragonPipeline(StableDiffusionPipeline):
             super().load_ip_adapter(*args, **kwargs)
         finally:
             self.bank_layers = install_memory_bank(self.unet, self.memory_bank)
+        self.unet.requires_grad_(False)  # diffusers leaves the adapter's projections trainable
         self.set_ip_adapter_scale(0.0)
 
     def unload_ip_adapter(self) -> None:
@@ -665,6 +674,8 @@ class DragonPipeline(StableDiffusionPipeline):
         """
         started, opts = time.perf_counter(), EditOptions(**options)
         scale = require_number("scale", scale, positive=True)
+        source = require_point(source, "--from point")
+        target = require_point(target, "--to point")
         edit = move_kind(scale)
         inversion = self.prepare(image, prompt, opts, edit)
         region = None

@@ -435,20 +435,22 @@ class Sampler:
         is 1 (after the last step: the encoded input, z_0)."""
         return outside * self.inversion.at_step(i + 1)[:1] + (1 - outside) * z
 
-    @torch.no_grad()
     def require_finite(self, i: int, z: torch.Tensor) -> None:
         """Stop where the latent leaves the finite numbers (a NaN spreads to every later step
         and decodes to a black image): SamplingDiverged naming the step and the scales."""
         if bool(torch.isfinite(z).all()):
             return
         plan = self.plan
+        scales = [f"guidance_scale (now {plan.guidance_scale:g})", "the image prompt's scale"]
+        if plan.energy_scale > 0:
+            scales.insert(0, f"energy_scale (now {plan.energy_scale:g})")
         raise SamplingDiverged(
             f"the {plan.edit} diverged at step {i + 1} of {len(self.steps)}: its latent holds "
-            f"NaN or infinite values. Lower energy_scale (now {plan.energy_scale:g}) or "
-            f"guidance_scale (now {plan.guidance_scale:g}), or the image prompt's scale; in "
+            f"NaN or infinite values. Lower {', '.join(scales[:-1])} or {scales[-1]}; in "
             "float16, try float32"
         )
 
+    @torch.no_grad()
     def run(self) -> torch.Tensor:
         z = self.plan.z_init
         blended = self.plan.blend_steps(len(self.steps))

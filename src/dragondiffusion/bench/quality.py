@@ -57,7 +57,7 @@ from PIL import Image
 from .. import __version__
 from ..demo import prepare_output, run_example, write_png, write_text
 from ..edit_defaults import WEIGHTS, weight_problem
-from ..errors import InputError
+from ..errors import InputError, SamplingDiverged
 from ..features import energy_grid
 from ..geometry import dilate
 from ..io import atomic_write
@@ -387,6 +387,10 @@ def produce(
     try:
         store = inversions.setdefault(steps, {})
         done = run_example(pipe, case.example, steps, store, seed, **options)
+    except SamplingDiverged:
+        # A --set value too strong for the model: scored as nothing (black), as the NaN it
+        # stopped at would have decoded, and the other rows of the run go on.
+        return np.zeros_like(case.expected), 0.0
     finally:
         pipe.feature_overrides = chosen
     if results is not None:
