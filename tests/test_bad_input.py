@@ -7,6 +7,8 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import PIL.Image
+import PIL.PngImagePlugin
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from dragondiffusion.edit_defaults import EditDefaults
 from dragondiffusion.edits import DragWeights, MoveWeights
 from dragondiffusion.errors import InputError, SamplingDiverged
 from dragondiffusion.geometry import require_visible
-from dragondiffusion.io import read_record
+from dragondiffusion.io import RECORD_KEY, read_record, save_png
+from dragondiffusion.models import load
 from dragondiffusion.pipeline import MAX_RESOLUTION, EditOptions
 
 FROM, TO = (35, 45), (100, 45)
@@ -163,3 +166,63 @@ def test_a_bundle_asking_more_steps_than_the_model_has_names_its_file(pipe):
     with pytest.raises(InputError, match=r"bundle/dragondiffusion\.json: steps of drag is 5000"):
         pipe.edit_defaults = defaults
     assert pipe.edit_defaults is kept
+
+
+def test_an_inversion_from_another_model_is_refused(pipe, scene, inversion):
+    """Another model's trajectory and memory bank would edit with the wrong UNet (and a record
+    naming that other model) or fail deep in torch where shapes differ."""
+    with pytest.raises(InputError, match="made by model 'other', not by this pipeline's"):
+        pipe.move(replace(inversion, model="other"), scene[1], FROM, TO)
+    narrower = replace(inversion, latents=inversion.latents[:, :, :2])
+    with pytest.raises(InputError, match="latents, prompt embeddings or memory bank do not fit"):
+        pipe.move(narrower, scene[1], FROM, TO)
+
+
+def test_results_are_written_as_png_only_and_read_back_with_clear_errors(tmp_path):
+    image = PIL.Image.new("RGB", (8, 8))
+    with pytest.raises(InputError, match=r"must end in \.png"):
+        save_png(image, tmp_path / "out.jpg", {"edit": "move"})
+    assert not list(tmp_path.iterdir())
+    save_png(image, tmp_path / "out.png", {"edit": "move"})
+    assert read_record(tmp_path / "out.png") == {"edit": "move"}
+    with pytest.raises(InputError, match="does not exist"):
+        read_record(tmp_path / "missing.png")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(InputError, match="not an image Pillow can read"):
+        read_record(tmp_path / "notes.txt")
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(RECORD_KEY, "[1, 2")
+    image.save(tmp_path / "damaged.png", pnginfo=info)
+    with pytest.raises(InputError, match="record is damaged"):
+        read_record(tmp_path / "damaged.png")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(model=3), "model must be a folder or a hub id"),
+        (dict(model=" "), "model is empty"),
+        (dict(model=None, dtype=torch.int8), "holds no fractions"),
+        (dict(model=None, dtype=["float32"]), "unknown dtype"),
+        (dict(model=None, device=[1]), "unknown device"),
+    ],
+)
+def test_load_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        load(**kwargs)
+
+
+def test_load_names_a_file_given_as_the_model(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(InputError, match="is a file; give the bundle's folder"):
+        load(tmp_path / "model.safetensors")
+
+
+def test_threads_far_above_the_cores_are_refused(capsys):
+    import os
+
+    from dragondiffusion.cli import main
+
+    many = 4 * (os.cpu_count() or 1) + 1
+    assert main(["info", "--threads", str(many)]) == 2
+    assert f"--threads {many} is far above this machine's" in capsys.readouterr().err

@@ -434,6 +434,12 @@ def set_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
+    cores = os.cpu_count() or 1
+    if threads > 4 * cores:
+        raise InputError(
+            f"--threads {threads} is far above this machine's {cores} CPU cores (each thread "
+            f"beyond a core slows torch down); give at most {cores}"
+        )
     import torch
 
     torch.set_num_threads(threads)

@@ -233,7 +233,12 @@ def sync(path: str) -> None:
 
 
 def save_png(image: PIL.Image.Image, path: str | os.PathLike, record: dict) -> Path:
-    """Write `image` as PNG with `record` as JSON in a text chunk, atomically."""
+    """Write `image` as PNG with `record` as JSON in a text chunk, atomically; `path` must end
+    in .png (the record lives in PNG metadata: another name would hold PNG bytes)."""
+    if not isinstance(path, str | os.PathLike) or Path(path).suffix.lower() != ".png":
+        raise InputError(
+            f"output path {path!r} must end in .png (the parameters live in PNG metadata)"
+        )
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(RECORD_KEY, json.dumps(record, sort_keys=True))
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
@@ -241,8 +246,14 @@ def save_png(image: PIL.Image.Image, path: str | os.PathLike, record: dict) -> P
 
 def read_record(path: str | os.PathLike) -> dict:
     """The parameter record stored in a PNG written by `save_png`."""
-    with PIL.Image.open(path) as im:
-        text = im.text.get(RECORD_KEY) if hasattr(im, "text") else None
+    image = open_image(Path(path), "result")
+    text = image.text.get(RECORD_KEY) if hasattr(image, "text") else None
     if text is None:
         raise InputError(f"{path} carries no dragondiffusion record")
-    return json.loads(text)
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: its dragondiffusion record is damaged (not a JSON object)")
+    return record

@@ -65,7 +65,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         try:
             device = torch.device(device)
-        except RuntimeError:
+        except (RuntimeError, TypeError):
             raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
         if device.type not in DEVICE_TYPES:
             raise InputError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
@@ -92,9 +92,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """The given dtype, else float16 on CUDA and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"dtype {dtype} holds no fractions; use one of {', '.join(DTYPES)}")
         return dtype
     if dtype is not None:
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
     return torch.float16 if device.type == "cuda" else torch.float32
@@ -112,6 +114,8 @@ def default_model() -> str:
 
 def check_bundle(path: Path) -> None:
     """Raise InputError naming what a local folder lacks to be an SD-1.x diffusers bundle."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"model {str(path)!r} is a file; give the bundle's folder")
     if not path.is_dir():
         raise InputError(f"model folder {str(path)!r} does not exist")
     if not (path / "model_index.json").is_file():
@@ -135,7 +139,11 @@ def load(
     `model=None` loads the embedded demo model. The device defaults to cuda > mps > cpu and the
     dtype to float16 on CUDA, float32 elsewhere.
     """
+    if model is not None and not isinstance(model, str | os.PathLike):
+        raise InputError(f"model must be a folder or a hub id, not {model!r}")
     name = default_model() if model is None else os.fspath(model)
+    if not name.strip():
+        raise InputError("model is empty; give a bundle folder or a hub id, or leave it out")
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     local = Path(name).expanduser()
@@ -154,10 +162,15 @@ def load(
     except (OSError, ValueError) as err:
         if isinstance(err, InputError):
             raise
-        raise InputError(
-            f"could not load model {name!r}: {err}. Give a local bundle folder, or a hub id with "
-            "network access (set HF_HUB_OFFLINE=1 to use only the local cache)"
-        ) from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        fix = (
+            "Give a local bundle folder; this process is offline (HF_HUB_OFFLINE), so a hub id "
+            "loads only from the local cache"
+            if offline
+            else "Give a local bundle folder, or a hub id with network access (set "
+            "HF_HUB_OFFLINE=1 to use only the local cache)"
+        )
+        raise InputError(f"could not load model {name!r}: {err}. {fix}") from err
     embedded = local.exists() and local.resolve() == EMBEDDED_MODEL.resolve()
     pipe.model_name = EMBEDDED_NAME if embedded else name
     pipe.edit_defaults = defaults

@@ -474,6 +474,7 @@ class DragonPipeline(StableDiffusionPipeline):
         images = 1 if reference is None else 2
         steps = options.num_inference_steps
         if isinstance(image, Inversion):
+            self.require_own(image)
             if image.latents.shape[1] != images:
                 raise InputError(
                     f"this edit needs an inversion of {images} image(s), the given one holds "
@@ -506,6 +507,32 @@ class DragonPipeline(StableDiffusionPipeline):
             reference_prompt,
             edit,
         )
+
+    def require_own(self, inversion: Inversion) -> None:
+        """InputError unless `inversion` was made by this model: its trajectory, memory bank and
+        prompt embeddings are this UNet's and VAE's (another model's would edit with the wrong
+        ones, or fail deep inside torch where their shapes differ)."""
+        w, h = inversion.working_size
+        latent = (
+            self.unet.config.in_channels,
+            h // self.vae_scale_factor,
+            w // self.vae_scale_factor,
+        )
+        layers = {layer for layer, _ in inversion.memory}
+        if inversion.model != self.model_name:
+            raise InputError(
+                f"the given inversion was made by model {inversion.model!r}, not by this "
+                f"pipeline's ({self.model_name!r}); invert the image again with this pipeline"
+            )
+        if (
+            tuple(inversion.latents.shape[2:]) != latent
+            or inversion.text.shape[-1] != self.text_encoder.config.hidden_size
+            or not layers <= set(self.bank_layers)
+        ):
+            raise InputError(
+                "the given inversion's latents, prompt embeddings or memory bank do not fit this "
+                f"model ({self.model_name!r}); invert the image again with this pipeline"
+            )
 
     # ---- generation branch ------------------------------------------------------------------
     def run_plan(
