@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,12 @@ import numpy as np
 import torch
 
 import dragondiffusion
-from dragondiffusion.bench.sections import write_section
+from dragondiffusion.bench import EDITS
+from dragondiffusion.bench.quality import require_known
+from dragondiffusion.bench.sections import check_sections, write_section
+from dragondiffusion.errors import InputError
+from dragondiffusion.models import pick_device
+from dragondiffusion.sampler import MODES
 from dragondiffusion.testing import build_tiny_bundle
 
 COUNTS = ("inversion", "denoise", "features", "backward", "rollback", "forward")
@@ -103,22 +109,52 @@ def table(pipe, steps: int, edits: list[str], modes: list[str]) -> str:
     return "\n".join([*lines, "", note])
 
 
-def main() -> None:
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
+    """The edits and modes asked for, and the docs section's label; InputError for a bad
+    option (before the model is built or loaded, not after the table)."""
+    if args.steps < 2:
+        raise InputError(f"--steps must be at least 2, got {args.steps}")
+    if args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    edits = list(require_known(split(args.edits), EDITS, "--edits"))
+    modes = list(require_known(split(args.modes), MODES, "--modes"))
+    pick_device(args.device)  # before the tiny bundle is built
+    label = "tiny random test bundle" if args.model is None else Path(args.model).name
+    check_sections(args.out, f"edit-costs:{label}")
+    return edits, modes, label
+
+
+def split(text: str) -> list[str]:
+    """The names of a comma-separated list."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="SD 1.x bundle (default: the tiny random test bundle)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--edits", default="move,resize,appearance,drag,paste")
+    parser.add_argument("--edits", default=",".join(EDITS))
     parser.add_argument("--modes", default="dragon,diffeditor")
     parser.add_argument("--device")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        costs(args, *check_args(args))
+    except InputError as err:
+        print(f"edit_costs: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def costs(args: argparse.Namespace, edits: list[str], modes: list[str], label: str) -> None:
+    """Measure the table, print it and write its section into --out."""
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_bundle(Path(tmp) / "tiny")
         pipe = dragondiffusion.load(model, device=args.device)
         pipe.set_progress_bar_config(disable=True)
-        body = table(pipe, args.steps, args.edits.split(","), args.modes.split(","))
+        body = table(pipe, args.steps, edits, modes)
     cpu = platform.processor() or platform.machine()
     where = (
         f"{args.steps} steps, "
@@ -126,7 +162,6 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(body)
-    label = "tiny random test bundle" if args.model is None else Path(args.model).name
     command = "python scripts/edit_costs.py" + (" --model MODEL" if args.model else "")
     write_section(
         args.out,
@@ -138,4 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo_model import HELD_OUT_PHOTOS, TRAIN_SEED_FLOOR, load_photos, training_summary
 
 from dragondiffusion import load
+from dragondiffusion.cli import check_writable
 from dragondiffusion.errors import InputError
 from dragondiffusion.model_report import PHOTO_MOVE_RESOLUTION, measure, write_report
 
@@ -55,13 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.photo_resolution is not None and args.photo_resolution <= 0:
-        parser.error("--photo-resolution must be a positive number of pixels, e.g. 288")
-    if args.scenes > TRAIN_SEED_FLOOR:
-        parser.error(f"--scenes must stay below {TRAIN_SEED_FLOOR} (training seeds start there)")
     try:
+        check_args(args)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         pipe = load(args.model, args.device)
         pipe.set_progress_bar_config(disable=True)
         photos = dict(zip(HELD_OUT_PHOTOS, load_photos(HELD_OUT_PHOTOS), strict=True))
@@ -74,15 +72,36 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             photo_resolution=args.photo_resolution,
         )
+        run_json = args.run / "run.json"
+        appendix = training_summary(run_json) if run_json.is_file() else ""
+        path = write_report(report, args.out, appendix)
     except InputError as err:
         print(f"evaluate_demo_model: error: {err}", file=sys.stderr)
         return 2
-    run_json = args.run / "run.json"
-    appendix = training_summary(run_json) if run_json.is_file() else ""
-    path = write_report(report, args.out, appendix)
     print(path.read_text())
     print(f"wrote {path} in {report.seconds / 60:.1f} minutes")
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """InputError for a bad option, before the model loads (not after the measurement)."""
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.photo_resolution is not None and args.photo_resolution <= 0:
+        raise InputError("--photo-resolution must be a positive number of pixels, e.g. 288")
+    if not 1 <= args.scenes <= TRAIN_SEED_FLOOR:
+        raise InputError(
+            f"--scenes must be 1 to {TRAIN_SEED_FLOOR} (training seeds start there), got "
+            f"{args.scenes}"
+        )
+    if not 0 <= args.inversion_scenes <= args.scenes:
+        raise InputError(
+            f"--inversion-scenes must be 0 to --scenes ({args.scenes}): the inverted scenes are "
+            f"some of those, got {args.inversion_scenes}"
+        )
+    if args.steps < 2:
+        raise InputError(f"--steps must be at least 2, got {args.steps}")
+    check_writable(args.out / "demo-model.md", str(args.out))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,10 @@ def test_demo_never_writes_into_a_folder_of_other_files(tmp_path, tiny_bundle, c
     with pytest.raises(InputError, match="is a file"):
         demo.prepare_output(tmp_path / "holiday.png")
     (tmp_path / "again").mkdir()
-    (tmp_path / "again" / demo.SUMMARY).write_text("{}")
+    (tmp_path / "again" / demo.SUMMARY).write_text("{}")  # not a summary the demo wrote
+    with pytest.raises(InputError, match="did not write"):
+        demo.prepare_output(tmp_path / "again")
+    (tmp_path / "again" / demo.SUMMARY).write_text(demo.summary([], "m", 0.0, "incomplete"))
     assert demo.prepare_output(tmp_path / "again") == tmp_path / "again"
 
 

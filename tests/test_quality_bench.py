@@ -739,7 +739,8 @@ def test_cli_refuses_a_foreign_folder_and_bad_lists(tmp_path, tiny_bundle, capsy
     assert "rotate" in capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    saved = {"status": "incomplete", "results": [{}], "settings": {}, "command": "theirs"}
+    row = {"edit": "move", "case": 1, "seeds": [1], "variant": "identity"}
+    saved = {"dragondiffusion": "0", "status": "incomplete", "results": [row], "command": "theirs"}
     (unfinished / "quality.json").write_text(json.dumps(saved))
     assert main([*base, "--out", str(unfinished)]) == 2
     assert "pass --resume" in capsys.readouterr().err

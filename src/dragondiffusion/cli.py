@@ -7,7 +7,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -241,24 +240,13 @@ def check_output(out: str, inputs: list[str | None]) -> Path:
 
 
 def check_writable(path: Path, out: str) -> None:
-    """Raise InputError unless a file may be made at `path`: its nearest existing ancestor must
-    be a folder this process may write in (the missing folders below it are made on writing)."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"--out {out!r}: {str(folder)!r} is not a folder; choose another --out")
-    if not (os.access(folder, os.W_OK | os.X_OK) and can_create_in(folder)):
-        raise InputError(f"--out {out!r}: cannot write in {str(folder)!r}; choose another --out")
+    """Raise InputError unless a file may be made at `path` (`io.folder_problem`; the missing
+    folders above it are made on writing)."""
+    from .io import folder_problem
 
-
-def can_create_in(folder: Path) -> bool:
-    """Whether a file can be made in `folder` (os.access lets root write in /proc and the like)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+    problem = folder_problem(path.parent)
+    if problem is not None:
+        raise InputError(f"--out {out!r}: {problem}; choose another --out")
 
 
 def edit_options(args: argparse.Namespace) -> dict:

@@ -31,7 +31,7 @@ from .edits import move_kind
 from .errors import InputError
 from .figures import annotate, contact_sheet, inset
 from .geometry import Point, dilate
-from .io import atomic_write
+from .io import atomic_write, folder_problem
 
 if TYPE_CHECKING:
     from .pipeline import DragonPipeline, EditResult
@@ -223,17 +223,47 @@ class DemoEdit:
 def prepare_output(
     out: str | Path, summary: str = SUMMARY, what: str = "demo", own: tuple[str, ...] = ()
 ) -> Path:
-    """The output folder of a `what` whose folders hold `summary`; refuses a file, or a folder
-    holding files that no such run wrote (`own`: names such a run may leave before `summary`)."""
+    """The output folder of a `what` whose folders hold `summary`; refuses a file, a folder
+    holding files that no such run wrote (`own`: names such a run may leave before `summary`;
+    a `summary` this package did not write, see `own_summary`), and a folder that cannot be
+    made or written in (`check_folder`): all before the model loads."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {str(path)!r} is a file; give a folder for the {what}'s pictures")
     foreign = path.is_dir() and any(p.name not in own for p in path.iterdir())
-    if foreign and not (path / summary).is_file():
+    if foreign and not own_summary(path / summary):
         raise InputError(
             f"--out {str(path)!r} already holds files that the {what} did not write; give a new "
             f"or empty folder (the {what} only overwrites its own earlier output)"
         )
+    check_folder(path)
+    return path
+
+
+def own_summary(path: Path) -> bool:
+    """Whether `path` is a summary this package wrote: a JSON object with the keys every
+    summary starts with (a user's own demo.json is not)."""
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(saved, dict) and {"dragondiffusion", "status"} <= saved.keys()
+
+
+def check_folder(path: Path) -> None:
+    """InputError unless folder `path` can be made or, where it exists, written in."""
+    problem = folder_problem(path)
+    if problem is not None:
+        raise InputError(f"cannot make {str(path)!r} ({problem}); choose another --out")
+
+
+def make_folder(path: Path) -> Path:
+    """Make folder `path` and its missing parents; InputError, not OSError, when it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise InputError(f"cannot make {str(path)!r} ({reason}); choose another --out") from None
     return path
 
 

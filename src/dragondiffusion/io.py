@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,21 @@ def temporary_beside(path: Path) -> str:
     except OSError as err:
         raise unwritable(path, err) from None
     return tmp
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why no file can be made in `folder` (made first where missing): its nearest existing
+    ancestor is not a folder, or not one this process may make files in (tried with a
+    temporary file: os.access lets root "write" in /proc); None where one can."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{str(folder)!r} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError:
+        return f"cannot write in {str(folder)!r}"
 
 
 def unwritable(path: Path, err: OSError) -> InputError:

@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..demo import prepare_output, run_example, write_png, write_text
+from ..demo import make_folder, prepare_output, run_example, write_png, write_text
 from ..edit_defaults import WEIGHTS, weight_problem
 from ..errors import InputError, SamplingDiverged
 from ..features import energy_grid
@@ -83,6 +83,8 @@ from .workers import check_workers, side_by_side, threads_each
 if TYPE_CHECKING:
     from ..pipeline import DragonPipeline, EditResult
 
+MAX_SCENES = 10_000
+"""The most scenes per edit (`--n`): every scene is drawn before the first runs."""
 FOUND_SHARE = 0.25
 """A segmented object smaller than this share of the expected object counts as not found."""
 SUMMARY = "quality.json"
@@ -214,8 +216,11 @@ class Settings:
     combination of the values, the other weights at the model's defaults."""
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise InputError(f"--n must be at least 1 scene per edit, got {self.n}")
+        if not 1 <= self.n <= MAX_SCENES:
+            raise InputError(
+                f"--n must be 1 to {MAX_SCENES} scenes per edit, got {self.n} (the scenes are "
+                "drawn before the first one runs)"
+            )
         if not 0 <= self.seed < 2**63:
             raise InputError(f"--seed must be a whole number ≥ 0, got {self.seed}")
         if self.steps is not None and self.steps < 2:
@@ -227,7 +232,25 @@ class Settings:
         require_known(self.edits, EDITS, "--edits")
         require_known(self.modes, MODES, "--mode")
         require_known(self.ablations, ABLATIONS, "--ablations", empty=True)
+        self.check_sweep()
+
+    def check_sweep(self) -> None:
+        """InputError unless every --set names a weight of every edit once, with valid values,
+        each once (a repeated value would make two rows of the same outputs)."""
+        names = [name for name, _ in self.sweep]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InputError(
+                f"--set {', '.join(twice)}: given more than once; give each weight in one --set "
+                f"with all its values, e.g. {twice[0]}=0,1"
+            )
         for name, values in self.sweep:
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise InputError(
+                    f"--set {name}: {', '.join(f'{v:g}' for v in repeated)} given more than "
+                    "once; give each value once"
+                )
             for edit in self.edits:
                 known = WEIGHTS[edit].__dataclass_fields__
                 if name not in known:
@@ -251,7 +274,15 @@ class Settings:
             )
 
     def check_model(self, pipe: DragonPipeline) -> None:
-        """Check the steps against the model's per-edit defaults (when --steps is not given)."""
+        """Check the steps against the model's per-edit defaults (when --steps is not given),
+        and a --set feature_timestep against the model's timesteps."""
+        most = pipe.scheduler.config.num_train_timesteps
+        for name, values in self.sweep:
+            if name == "feature_timestep" and max(values) > most:
+                raise InputError(
+                    f"--set feature_timestep: at most the model's {most} training timesteps, "
+                    f"got {max(values):g}; give values from 0 to {most}"
+                )
         if self.steps is None:
             for edit in self.edits:
                 steps = pipe.edit_defaults.num_steps(edit)
@@ -705,15 +736,84 @@ def run(
     return result
 
 
+def damaged(folder: Path, what: str) -> InputError:
+    """The error for an output folder whose quality.json cannot be what the benchmark wrote."""
+    return InputError(f"{folder}/{SUMMARY} is damaged ({what}); move it away or give another --out")
+
+
+def is_number(value: object) -> bool:
+    """Whether a JSON value is a number (NaN and Infinity too; not true or false)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+ROW_KEYS: dict[str, type] = {"edit": str, "case": int, "seeds": list, "variant": str}
+"""Keys every row of quality.json's results has, and their JSON types."""
+
+
+def row_problem(row: object) -> str | None:
+    """What is wrong with one row of quality.json's results, or None."""
+    if not isinstance(row, dict):
+        return "is not an object"
+    for key, kind in ROW_KEYS.items():
+        if key not in row:
+            return f"has no {key}"
+        if not isinstance(row[key], kind) or isinstance(row[key], bool):
+            return f"has a {key} that is not a {kind.__name__}"
+    for key in ("seconds", "inversion_seconds", *(k for k, _ in COLUMNS)):
+        if key in row and not is_number(row[key]):
+            return f"has a {key} that is not a number"
+    return None
+
+
+def summary_problem(saved: object) -> str | None:
+    """What is wrong with the structure of a parsed quality.json, or None (the keys this
+    package writes and reads back, with their types)."""
+    if not isinstance(saved, dict):
+        return f"a JSON {type(saved).__name__}, not an object"
+    missing = [k for k in ("dragondiffusion", "status", "results") if k not in saved]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not isinstance(saved["status"], str):
+        return "its status is not text"
+    if not isinstance(saved["results"], list):
+        return "its results are not a list"
+    if not is_number(saved.get("seconds", 0.0)):
+        return "its seconds are not a number"
+    threads = saved.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)):
+        return "its threads are not a whole number"
+    for i, row in enumerate(saved["results"]):
+        problem = row_problem(row)
+        if problem is not None:
+            return f"result {i + 1} {problem}"
+    return None
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """The folder's quality.json, its structure checked (None: there is none); InputError
+    (`damaged`) when it is not the JSON the benchmark writes."""
+    path = folder / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise damaged(folder, f"not readable as JSON: {err}") from None
+    problem = summary_problem(saved)
+    if problem is not None:
+        raise damaged(folder, problem)
+    return saved
+
+
 def read_earlier(folder: Path, settings: Settings, resume: bool) -> dict[str, Any] | None:
     """The output folder's quality.json when `resume` is asked and it holds a run of these
     settings (None: nothing to continue). Refuses to start afresh over an unfinished run (its
-    results would be lost) and to continue a run of other settings."""
-    path = folder / SUMMARY
-    saved = json.loads(path.read_text()) if path.is_file() else None
+    results would be lost), to continue a run of other settings, and a damaged quality.json
+    (`read_summary`)."""
+    saved = read_summary(folder)
     if saved is None:
         return None
-    unfinished = saved.get("status") == "incomplete" and saved.get("results")
+    unfinished = saved["status"] == "incomplete" and saved["results"]
     if not resume:
         if unfinished:
             raise InputError(
@@ -756,7 +856,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
     """Hold `folder`/.running while the block runs: a second benchmark writing to the same
     folder (e.g. a --resume while the first still runs) would mix their results. A lock left by
     a process that no longer runs (killed) is taken over."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     path = folder / LOCK
     for _ in range(2):
         try:
@@ -767,7 +867,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
             if text.isdigit() and process_alive(int(text)):
                 raise InputError(
                     f"another benchmark (process {text}) is writing to {folder}; wait for it to "
-                    "end, or give another --out"
+                    f"end, or give another --out (if no benchmark is running there, delete "
+                    f"{path})"
                 ) from None
             path.unlink(missing_ok=True)  # stale: its process has ended
     else:
@@ -812,6 +913,8 @@ def quality(
     check_workers(workers, threads)
     if docs is not None:
         check_sections(docs, docs_section(settings.model)[0])  # fail now, not after the run
+    if Path(out).is_dir():
+        read_summary(Path(out))  # a damaged quality.json is said so, not taken for foreign
     folder = prepare_output(out, SUMMARY, "quality benchmark", own=(LOCK,))
     with folder_lock(folder):
         saved = read_earlier(folder, settings, resume)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from ..io import atomic_write
+from ..io import atomic_write, folder_problem
 
 
 def markers(key: str) -> tuple[str, str]:
@@ -19,10 +19,14 @@ def markers(key: str) -> tuple[str, str]:
 
 def check_sections(path: str | Path, key: str) -> None:
     """Raise InputError unless `write_section` can write section `key` into the file at `path`:
-    a folder or non-text file there, or the section's start marker without its end marker."""
+    a folder or non-text file there, a path whose folder cannot be made or written in, or the
+    section's start marker without its end marker."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{str(path)!r} is a folder; give the markdown file for the section")
+    problem = folder_problem(path.parent)
+    if problem is not None:
+        raise InputError(f"cannot write {str(path)!r} ({problem}); give another markdown file")
     if not path.exists():
         return
     start, end = markers(key)
