@@ -215,17 +215,6 @@ EDIT_COSTS = {
 }
 
 
-@pytest.mark.parametrize("args", EDIT_COSTS)
-def test_edit_costs_refuses_bad_options_before_measuring(args, tmp_path, capsys):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "afile").write_text("mine")
-    argv = args.replace("DOCS", str(tmp_path / "docs")).replace("AFILE", str(tmp_path / "afile"))
-    assert script("edit_costs").main(argv.split()) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("edit_costs: error: ") and err.count("\n") == 1
-    assert EDIT_COSTS[args] in err
-
-
 EVALUATE = {
     "--threads -1": "--threads must be at least 1, got -1",
     "--threads 0": "--threads must be at least 1, got 0",
@@ -236,13 +225,20 @@ EVALUATE = {
 }
 
 
-@pytest.mark.parametrize("args", EVALUATE)
-def test_evaluate_demo_model_refuses_bad_options_before_measuring(args, tmp_path, capsys):
+SCRIPT_CASES = [
+    *(("edit_costs", args, message) for args, message in EDIT_COSTS.items()),
+    *(("evaluate_demo_model", args, message) for args, message in EVALUATE.items()),
+]
+
+
+@pytest.mark.parametrize("name,args,message", SCRIPT_CASES)
+def test_scripts_refuse_bad_options_before_measuring(name, args, message, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
     (tmp_path / "afile").write_text("mine")
-    argv = args.replace("AFILE", str(tmp_path / "afile")).split()
-    model = ["--model", str(tmp_path / "no-model")]
-    assert script("evaluate_demo_model").main([*argv, *model]) == 2
+    argv = args.replace("DOCS", str(tmp_path / "docs")).replace("AFILE", str(tmp_path / "afile"))
+    extra = ["--model", str(tmp_path / "no-model")] if name == "evaluate_demo_model" else []
+    assert script(name).main([*argv.split(), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("evaluate_demo_model: error: ") and err.count("\n") == 1
-    assert EVALUATE[args] in err
+    assert err.startswith(f"{name}: error: ") and err.count("\n") == 1
+    assert message in err
     assert (tmp_path / "afile").read_text() == "mine"
