@@ -79,14 +79,14 @@ def checked_weights(edit: str, weights: object) -> Any:
         raise InputError(
             f"the weights of a {edit} must be a {kind.__name__}, not {type(weights).__name__}"
         )
+    values = {}
     for item in fields(weights):
         value = getattr(weights, item.name)
         problem = weight_problem(item.name, value)
         if problem is not None:
             raise InputError(f"{kind.__name__}.{item.name} {problem}, got {value!r}")
-    return replace(
-        weights, **{item.name: float(getattr(weights, item.name)) for item in fields(weights)}
-    )
+        values[item.name] = float(value)
+    return replace(weights, **values)
 
 
 def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:

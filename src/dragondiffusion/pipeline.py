@@ -213,9 +213,7 @@ class DragonPipeline(StableDiffusionPipeline):
 
     def working_size(self, size: Size, resolution: int | None = None) -> Size:
         """The (width, height) the model works at for an input of `size` (area ≈ resolution²)."""
-        if resolution is not None and (
-            isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0
-        ):
+        if resolution is not None and require_whole("resolution", resolution) <= 0:
             raise InputError(
                 f"resolution must be a positive whole number of pixels, got {resolution!r}; "
                 f"leave it out for the model's native {self.native_resolution}"
