@@ -91,6 +91,10 @@ def test_invert_refuses_values_of_the_wrong_kind(pipe, scene, kwargs, match):
         (dict(weights=MoveWeights(energy_scale=-1.0)), "energy_scale must be finite and ≥ 0"),
         (dict(weights=MoveWeights(w_edit="4")), "MoveWeights.w_edit must be a number"),
         (dict(resolution=256), "leave the resolution out"),
+        (
+            dict(weights=MoveWeights(feature_timestep=5000.0)),
+            r"MoveWeights\.feature_timestep is 5000, beyond the model's 1000 training timesteps",
+        ),
     ],
 )
 def test_move_refuses_bad_values_before_sampling(pipe, scene, inversion, kwargs, match):
@@ -166,6 +170,23 @@ def test_a_bundle_asking_more_steps_than_the_model_has_names_its_file(pipe):
     with pytest.raises(InputError, match=r"bundle/dragondiffusion\.json: steps of drag is 5000"):
         pipe.edit_defaults = defaults
     assert pipe.edit_defaults is kept
+
+
+def test_a_bundle_reading_features_beyond_the_models_timesteps_names_its_file(pipe):
+    """A feature_timestep above the model's would read every guided step at the noisiest one
+    (a silent near-no-op of the energies); the error names the file and the first edit it
+    reaches (resize, which follows move's entry, comes after move)."""
+    kept = pipe.edit_defaults
+    weights = {"weights": {"move": {"feature_timestep": 1001.0}}}
+    defaults = EditDefaults.parse(weights, "bundle/dragondiffusion.json")
+    match = r"bundle/dragondiffusion\.json: move: feature_timestep is 1001, beyond the model's 1000"
+    with pytest.raises(InputError, match=match):
+        pipe.edit_defaults = defaults
+    assert pipe.edit_defaults is kept
+    pipe.edit_defaults = EditDefaults.parse(
+        {"weights": {"move": {"feature_timestep": 1000.0}}}, "bundle/dragondiffusion.json"
+    )
+    pipe.edit_defaults = kept
 
 
 def test_an_inversion_from_another_model_is_refused(pipe, scene, inversion):

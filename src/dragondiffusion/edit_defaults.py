@@ -89,6 +89,18 @@ def checked_weights(edit: str, weights: object) -> Any:
     return replace(weights, **values)
 
 
+def level_problem(t: float, most: int) -> str | None:
+    """What is wrong with a `feature_timestep` of `t` on a model of `most` training timesteps,
+    or None: beyond them every guided step would read at the noisiest one (a silent near-no-op
+    of the energies)."""
+    if t > most:
+        return (
+            f"feature_timestep is {t:g}, beyond the model's {most} training timesteps; "
+            f"give 0 (each step's own level) to {most}"
+        )
+    return None
+
+
 def parse_blocks(value: object, source: str) -> dict[str, tuple[int, ...]]:
     """The file's "feature_blocks": edit → a non-empty list of whole numbers ({} if absent;
     whether the UNet has those blocks is checked when the model is loaded)."""

@@ -25,7 +25,13 @@ from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
 from .composite import keep_background
 from .ddim import DDIMTimesteps
-from .edit_defaults import DEFAULT_STEPS, WEIGHTS, EditDefaults, checked_weights
+from .edit_defaults import (
+    DEFAULT_STEPS,
+    WEIGHTS,
+    EditDefaults,
+    checked_weights,
+    level_problem,
+)
 from .edits import (
     AppearanceWeights,
     DragWeights,
@@ -656,6 +662,9 @@ class DragonPipeline(StableDiffusionPipeline):
                     f"{defaults.source}: steps of {edit} is {count}, more than the model's "
                     f"{most} training timesteps; give at most {most}"
                 )
+        for edit in WEIGHTS:
+            if problem := level_problem(defaults.weights(edit).feature_timestep, most):
+                raise InputError(f"{defaults.source}: {edit}: {problem}")
         self.feature_overrides = {
             edit: FeatureExtractor(self.unet, blocks)
             for edit in WEIGHTS
@@ -674,8 +683,16 @@ class DragonPipeline(StableDiffusionPipeline):
         return "argument" if given is not None else self.edit_defaults.source
 
     def weights_for(self, edit: str, given: object) -> Any:
-        """The weights an edit runs with: those given (checked), else the model's defaults."""
-        return self.edit_defaults.weights(edit) if given is None else checked_weights(edit, given)
+        """The weights an edit runs with: those given (checked, also against the model's
+        timesteps), else the model's defaults (checked when they were set)."""
+        if given is None:
+            return self.edit_defaults.weights(edit)
+        weights = checked_weights(edit, given)
+        if problem := level_problem(
+            weights.feature_timestep, self.scheduler.config.num_train_timesteps
+        ):
+            raise InputError(f"{type(weights).__name__}.{problem}")
+        return weights
 
     def move(
         self,

@@ -56,7 +56,7 @@ from PIL import Image
 
 from .. import __version__
 from ..demo import make_folder, prepare_output, run_example, write_png, write_text
-from ..edit_defaults import WEIGHTS, weight_problem
+from ..edit_defaults import WEIGHTS, level_problem, weight_problem
 from ..errors import InputError, SamplingDiverged
 from ..features import energy_grid
 from ..geometry import dilate
@@ -278,11 +278,8 @@ class Settings:
         and a --set feature_timestep against the model's timesteps."""
         most = pipe.scheduler.config.num_train_timesteps
         for name, values in self.sweep:
-            if name == "feature_timestep" and max(values) > most:
-                raise InputError(
-                    f"--set feature_timestep: at most the model's {most} training timesteps, "
-                    f"got {max(values):g}; give values from 0 to {most}"
-                )
+            if name == "feature_timestep" and (problem := level_problem(max(values), most)):
+                raise InputError(f"--set {problem}")
         if self.steps is None:
             for edit in self.edits:
                 steps = pipe.edit_defaults.num_steps(edit)
