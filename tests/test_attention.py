@@ -61,6 +61,18 @@ def test_composite_selects_outside_base_mask_and_inside_reference_mask():
     assert token_mask(torch.ones(1, 1, 8, 16), 8).shape == (8,)
 
 
+def test_a_layer_too_coarse_for_either_region_reads_the_base_images_tokens():
+    """At a coarse layer the base mask may cover every token and the reference mask none:
+    attention over no keys would silently give zeros, so the layer reads image 0's own."""
+    bank = MemoryBank()
+    k = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    bank.store = {("l", 0): (k, k + 100)}
+    bank.composite_masks = (torch.ones(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+    keys, values = bank.composite("l", tokens=4)
+    assert keys.flatten().tolist() == [0, 1, 2, 3]
+    assert values.flatten().tolist() == [100, 101, 102, 103]
+
+
 def test_processors_are_inert_for_text_to_image(pipe, tiny_bundle):
     """The installed processors must not change plain generation."""
     from diffusers import StableDiffusionPipeline

@@ -6,6 +6,7 @@ from dragondiffusion.attention import BankMode
 from dragondiffusion.edits.drag import drag_pair, plan_drag
 from dragondiffusion.edits.paste import PasteWeights, plan_paste
 from dragondiffusion.errors import InputError
+from dragondiffusion.geometry import warp
 
 SIZE = (192, 128)  # working size of the 160×96 `scene` fixture; latents 16×24, energy grid 32×48
 
@@ -32,6 +33,24 @@ def test_drag_copies_the_handle_latent_patch_and_keeps_the_rest(inversion):
     assert torch.equal(plan.z_init[..., 4:7, :9], z_T[..., 4:7, :9])
     assert plan.params["cells"] == [[[10, 10], [20, 10]]]
     assert plan.bank_mode is BankMode.CONCAT and plan.bank_steps == range(1, 10)
+
+
+def test_a_drag_from_the_edge_compares_only_cells_it_can_fill(inversion):
+    """A handle on the grid's first column: a third of its target patch would read source cells
+    off the grid (zero features, a fixed cosine of 0 that no sampling raises). Those cells are
+    left out, so the exact answer, the handle's features shifted onto the target, reaches the
+    edit term's minimum w_edit/(α+β) = 0.8 (+ 0.2 of contrast where the old place is unchanged)."""
+    grid = (32, 48)
+    edge = drag_pair((1, 40), (41, 40), SIZE, grid, "cpu")  # cell (0, 10) → (10, 10)
+    assert edge.target_patch.sum() == 9 and edge.landing.sum() == 6
+    assert not edge.landing[0, 0, 9:12, 9].any() and edge.landing[0, 0, 9:12, 10:12].all()
+    inner = drag_pair((40, 40), (80, 40), SIZE, grid, "cpu")
+    assert torch.equal(inner.landing, inner.target_patch)
+    plan = plan_drag(inversion, box(SIZE, 0, 0, 192, 96), [((1, 40), (41, 40))])
+    g = torch.randn(1, 4, *grid, generator=torch.Generator().manual_seed(0))
+    f = torch.where(edge.landing, warp(g, SIZE, edge.src, edge.dst), g)
+    e_edit, _ = plan.energy([f], [g])
+    assert e_edit.item() == pytest.approx(0.8 + 0.2, abs=1e-5)
 
 
 def test_zero_length_drag_and_empty_regions(inversion):

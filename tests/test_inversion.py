@@ -32,3 +32,15 @@ def test_round_trip_with_bank_replace_reproduces_the_image_latent(pipe, steps, t
     assert rel < tolerance
     fresh = pipe.reconstruct(inv, start=torch.randn_like(z0))
     assert ((fresh - z0).norm() / z0.norm()).item() > 20 * rel
+
+
+def test_a_two_image_inversion_reconstructs_its_first_image_with_its_own_bank(pipe):
+    """An appearance or paste inversion holds the image and a reference; sampling it back reads
+    image 0's recorded keys (a batch-2 bank repeated `1 // 2` times gave no keys at all, and
+    attention over none returned zeros without an error)."""
+    rng = np.random.default_rng(1)
+    img, ref = (rng.random((2, 128, 128, 3)) * 255).astype(np.uint8)
+    alone = pipe.reconstruct(pipe.invert(img, "a red square", 4))
+    both = pipe.reconstruct(pipe.invert(img, "a red square", 4, reference=ref))
+    assert both.shape == alone.shape == (1, 4, 16, 16)
+    assert torch.allclose(both, alone, atol=1e-4)

@@ -643,10 +643,12 @@ def test_report_rows_read_at_the_level_carry_the_target():
     assert own.endswith("| 0.20 cells | ≤ 1 cell |"), "at or below the level: its own rows"
     # Moves read move's block at the level, resizes still here: the target stays.
     key = f"{lead}741, DDIM-inverted, up_blocks[2] (16×16 cells; energies of move, resize; "
-    assert rows[key + "read at t = 501 by move, resize here)"].endswith("| 3.00 cells | ≤ 1 cell |")
+    assert rows[key + "read at t = 501 by move; resize reads here)"].endswith(
+        "| 3.00 cells | ≤ 1 cell |"
+    )
     # Fresh noise on both images above DIFT's t = 261: no energy compares that, no target.
     key = f"{lead}741, noised, up_blocks[2] (16×16 cells; energies of move, resize; read at "
-    assert rows[key + "t = 501 by move, resize here)"].endswith("| 3.00 cells | – |")
+    assert rows[key + "t = 501 by move; resize reads here)"].endswith("| 3.00 cells | – |")
     key = f"{lead}741, DDIM-inverted, up_blocks[1] + up_blocks[2], summed cosines (16×16 cells; "
     assert rows[key + "energies of appearance; read at t = 501 by appearance)"].endswith(
         "| 2.50 cells | – |"
@@ -703,7 +705,7 @@ def test_report_rows_of_a_second_level_for_resize():
                  "read at t = 501 by move; read at t = 741 by resize)"]  # fmt: skip
     assert above.endswith("| 1.60 cells | – |"), "every edit reads these features elsewhere"
     at_741 = rows[f"{lead}741, DDIM-inverted, up_blocks[2] (16×16 cells; energies of move, resize; "
-                  "read at t = 501 by move, resize here)"]  # fmt: skip
+                  "read at t = 501 by move; resize reads here)"]  # fmt: skip
     assert at_741.endswith("| 1.60 cells | ≤ 1 cell |"), "a resize reads t = 741 itself"
     resize = rows[f"{lead}981, DDIM-inverted, read at t = 741, up_blocks[2] (16×16 cells; "
                   "energies of resize)"]  # fmt: skip

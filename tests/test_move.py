@@ -110,18 +110,18 @@ def test_move_end_to_end_counts_and_record(pipe, scene):
     assert np.isfinite(np.asarray(result.image, dtype=float)).all()
     rec = result.record
     # 50-step dragon schedule: 50 inversion passes; 50 CFG pairs; guidance at steps 0-29, each
-    # one feature pass on the current latent (backpropagated twice: edit and content energies)
-    # and one on the trajectory latent.
+    # one feature pass on the current latent (backpropagated once: the global gradient of the
+    # edit and content energies) and one on the trajectory latent.
     assert rec["evaluations"] == {
         "inversion": 50,
         "denoise": 100,
         "features": 60,
-        "backward": 60,
+        "backward": 30,
         "rollback": 0,
         "bring": 0,
         "forward": 210,
     }
-    assert rec["schedule"]["guided"] == list(range(30))
+    assert rec["schedule"]["guided"] == list(range(30)) and not rec["schedule"]["regional"]
     assert rec["schedule"]["sde"] == [] and rec["schedule"]["time_travel"] == []
     assert rec["schedule"]["background_blended"] == 0  # upstream's weights: no blending
     assert rec["bank"] == {"mode": "replace", "steps": [5, 50]}

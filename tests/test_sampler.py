@@ -36,6 +36,33 @@ def test_guidance_enters_x0_only(pipe, inversion, monkeypatch):
     assert not torch.allclose(guided, both_terms, atol=1e-3)
 
 
+def test_dragon_mode_guides_globally_diffeditor_regionally():
+    """DiffEditor: ∇E_edit inside the edit mask M, ∇E_content outside it. DragonDiffusion (the
+    `dragon` schedule): ∇(E_edit + E_content) everywhere, in one backward pass. Here E_edit
+    reads the whole latent and E_content nothing, so only the global gradient reaches cells
+    outside M (upstream's alg='D' kept the regional split: not the paper's method)."""
+    z = torch.randn(1, 4, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1.0
+
+    def energy(current, reference):
+        return (current[0] ** 2).sum(), 0.0 * current[0].sum()
+
+    plan = EditPlan("test", z, energy, mask, BankMode.OFF, range(0), 1.0, 2.0, 0.5)
+    features = lambda z, t, text: [z]  # noqa: E731
+    full = 0.5 * 2.0 * 2 * 4 * z  # k·E_scale·∇ of the sum of squares upsampled 2× (4 copies)
+    for schedule, expected, backward in (
+        (GuidanceSchedule.diffeditor(50), full * mask, 2),
+        (GuidanceSchedule.dragon(50), full, 1),
+    ):
+        counts = Evaluations()
+        args = (features, plan, z, 981, None, [], counts, schedule.regional)
+        g = sampler_module.energy_gradient(*args)
+        assert torch.allclose(g, expected, atol=1e-5), schedule.mode
+        assert counts.backward == backward and counts.features == 1
+    assert GuidanceSchedule.diffeditor(50).regional and not GuidanceSchedule.dragon(50).regional
+
+
 def blend_sampler(pipe, inversion, share, seen):
     """A plain (unguided) sampler over `inversion` whose plan edits a 4×4-cell box and blends the
     background back for `share` of the steps; `seen` collects each step's output."""
@@ -114,7 +141,7 @@ def test_noisier_steps_read_features_at_the_level(pipe, inversion, monkeypatch):
     against the inversion's features at the level (computed once); at or below it: unchanged."""
     seen = []
 
-    def fake_gradient(features, plan, z, t, text, reference, counts):
+    def fake_gradient(features, plan, z, t, text, reference, counts, regional=True):
         seen.append((z.clone(), t, reference))
         return torch.full_like(z, 0.3)
 

@@ -48,20 +48,21 @@ def test_regional_sde_step():
 
 # Golden evaluation counts of 50-step runs, derived from the schedules:
 #   dragon: 50 CFG steps × 2 samples = 100 denoise; 30 guided steps, each 1 feature pass on the
-#   current latent (backpropagated twice: E_edit and E_content) + 1 per trajectory image.
+#   current latent (backpropagated once: the global gradient of E_edit + E_content) + 1 per
+#   trajectory image.
 #   diffeditor: 20 guided steps, 4 of which (22, 24, 26, 28) run 3 times: 50 + 4×2 = 58 CFG runs
 #   = 116 denoise samples; 20 + 4×2 = 28 guided runs → 28 current feature passes and 56
 #   backward passes; trajectory features once per guided step (they do not change between runs):
 #   20 per image; 2 rollbacks per time-travel step (none after the last run) = 8.
 GOLDEN = {
     ("move", "dragon"): dict(
-        inversion=50, denoise=100, features=60, backward=60, rollback=0, bring=0
+        inversion=50, denoise=100, features=60, backward=30, rollback=0, bring=0
     ),
     ("move", "diffeditor"): dict(
         inversion=50, denoise=116, features=48, backward=56, rollback=8, bring=0
     ),
     ("appearance", "dragon"): dict(
-        inversion=100, denoise=100, features=90, backward=60, rollback=0, bring=0
+        inversion=100, denoise=100, features=90, backward=30, rollback=0, bring=0
     ),
     ("appearance", "diffeditor"): dict(
         inversion=100, denoise=116, features=68, backward=56, rollback=8, bring=0

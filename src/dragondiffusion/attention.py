@@ -71,11 +71,22 @@ class MemoryBank:
                 "with the same number of steps as the edit"
             ) from None
 
+    def own(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edited image's entries (image 0 of the inversion, which may also hold a
+        reference image): (1, tokens, C) each."""
+        k, v = self.lookup(layer)
+        return k[:1], v[:1]
+
     def composite(self, layer: str, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank tokens of image 0 outside its mask, then of image 1 inside its mask: (1, n, C)."""
+        """Bank tokens of image 0 outside its mask, then of image 1 inside its mask: (1, n, C).
+        A layer whose token grid is too coarse to hold any of either (image 0's mask covers
+        every token, image 1's none) reads image 0's own tokens: attention over no keys would
+        silently give zeros."""
         assert self.composite_masks is not None
         k, v = self.lookup(layer)
         keep = [token_mask(m, tokens) for m in self.composite_masks]
+        if not bool((~keep[0]).any() or keep[1].any()):
+            return k[:1], v[:1]
         k = torch.cat([k[0][~keep[0]], k[1][keep[1]]])[None]
         v = torch.cat([v[0][~keep[0]], v[1][keep[1]]])[None]
         return k, v
@@ -90,8 +101,10 @@ def token_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def _match_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Repeat bank entries (B_inv, n, C) over a batch of `batch` (e.g. the CFG pair)."""
-    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], 1, 1)
+    """Repeat bank entries (1, n, C) over a batch of `batch` (e.g. the CFG pair)."""
+    if x.shape[0] != 1:  # repeat(batch // 2) of a batch-1 call gave no keys: silent zeros
+        raise RuntimeError(f"bank entries of batch {x.shape[0]} for a call of batch {batch}")
+    return x if batch == 1 else x.repeat(batch, 1, 1)
 
 
 class MemoryBankProcessor:
@@ -119,9 +132,9 @@ class MemoryBankProcessor:
         if mode is BankMode.RECORD:
             bank.store[(self.layer, bank.step)] = (key.detach(), value.detach())
         elif mode is BankMode.REPLACE:
-            key, value = (_match_batch(x, batch) for x in bank.lookup(self.layer))
+            key, value = (_match_batch(x, batch) for x in bank.own(self.layer))
         elif mode is BankMode.CONCAT:
-            k, v = bank.lookup(self.layer)
+            k, v = bank.own(self.layer)
             key = torch.cat([key, _match_batch(k, batch)], dim=1)
             value = torch.cat([value, _match_batch(v, batch)], dim=1)
         elif mode is BankMode.COMPOSITE:

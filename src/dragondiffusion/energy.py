@@ -70,7 +70,12 @@ def global_similarity(
 
 
 def inverse_energy(weight: float, similarity: torch.Tensor) -> torch.Tensor:
-    """E = w / (α + β·s): low when the similarity is high."""
+    """E = w / (α + β·s): low when the similarity is high.
+
+    Kept as upstream has it: where s is a raw cosine (move's edit and content terms) the form
+    has a pole at s = −α/β = −0.25, a region's *mean* cosine that decoder features of the same
+    content do not reach in practice; should a run get there, its gradient grows without bound
+    and the sampler stops with `SamplingDiverged` instead of writing NaN."""
     return weight / (ALPHA + BETA * similarity)
 
 

@@ -1229,8 +1229,8 @@ def markdown(report: ModelReport, images: dict[str, str]) -> str:
                 used = [e for e in compared if not any(e in v for v in elsewhere.values())]
                 for at, edits in sorted(elsewhere.items()):
                     who += f"; read at t = {at} by {', '.join(edits)}"
-                if elsewhere and used:
-                    who += f", {', '.join(used)} here"
+                if elsewhere and used:  # "; resize reads here", not "..., resize here"
+                    who += f"; {', '.join(used)} read{'s' if len(used) == 1 else ''} here"
             side = report.feature_grids[block]
             what = block.replace("+", " + ") + (", summed cosines" if "+" in block else "")
             brought = 1 if level is None else report.level_substeps.get(level, {}).get(block, 1)

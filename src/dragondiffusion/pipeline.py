@@ -592,6 +592,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "steps": inversion.num_steps,
             "schedule": {
                 "guided": sorted(schedule.guided),
+                "regional": schedule.regional,
                 "sde": sorted(schedule.sde),
                 "time_travel": sorted(schedule.time_travel),
                 "repeats": schedule.repeats,

@@ -1,9 +1,12 @@
 """The generation branch: guided DDIM sampling with classifier-free guidance and energy gradients.
 
 At a guided step the energy gradient g is added to the CFG noise *only where x̂0 is formed*; the DDIM
-direction term keeps the unguided noise (upstream §1.4). The gradient is regional:
-g = k·E_scale·[M ⊙ ∇E_edit + (1−M) ⊙ ∇E_content], taken w.r.t. the current latent through a
-feature-only pass of the same UNet (plain attention, conditional text only).
+direction term keeps the unguided noise (upstream §1.4). In `diffeditor` mode the gradient is
+regional, g = k·E_scale·[M ⊙ ∇E_edit + (1−M) ⊙ ∇E_content]; in `dragon` mode it is global, as in
+the DragonDiffusion paper, g = k·E_scale·∇(E_edit + E_content) (upstream's `alg='D'` kept
+DiffEditor's regional split, so it was not the paper's method: reference §1.8, §8). Either is
+taken w.r.t. the current latent through a feature-only pass of the same UNet (plain attention,
+conditional text only).
 
 Background blending (optional, not upstream's; Blended Latent Diffusion's device): after each of
 the first `blend_background`·N steps, the latent outside the edit's region (the plan's SDE mask
@@ -19,9 +22,10 @@ where a small model's decoder features no longer find shifted content (docs/benc
 "Reading the energies' features at t = 501" and "Bringing the prediction to t = 501 in two DDIM
 steps").
 
-Two schedules: `dragon` (DragonDiffusion: guidance at the first 30 of 50 steps) and `diffeditor`
-(DiffEditor: guidance at every step below 10 then at even steps to 28, regional SDE at steps 11–19,
-time travel at steps 22–28). Step indices are given for 50 steps and scale with the step count.
+Two schedules: `dragon` (DragonDiffusion: global guidance at the first 30 of 50 steps, no image
+prompt) and `diffeditor` (DiffEditor: regional guidance at every step below 10 then at even steps to
+28, regional SDE at steps 11–19, time travel at steps 22–28). Step indices are given for 50 steps
+and scale with the step count.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ class GuidanceSchedule:
 
     guided: steps with an energy gradient; sde: steps with the regional SDE (η_inside within the
     plan's SDE mask, η_outside elsewhere); time_travel: steps run `repeats` times, rolled back by
-    one DDIM-inversion step between runs; image_prompt: steps where the image prompt is on.
+    one DDIM-inversion step between runs; image_prompt: steps where the image prompt is on;
+    regional: the gradient splits by the plan's edit mask (∇E_edit inside, ∇E_content outside),
+    else both energies' gradient applies everywhere.
     """
 
     mode: str
@@ -75,11 +81,13 @@ class GuidanceSchedule:
     image_prompt: frozenset[int] = frozenset()
     eta_inside: float = 0.0
     eta_outside: float = 0.0
+    regional: bool = True
 
     @classmethod
     def dragon(cls, num_steps: int) -> GuidanceSchedule:
-        """DragonDiffusion: guidance at every one of the first 30 of 50 steps; nothing else."""
-        return cls("dragon", num_steps, steps_between(0, 30, num_steps))
+        """DragonDiffusion: global guidance at every one of the first 30 of 50 steps; nothing
+        else (no SDE, no time travel, no image prompt)."""
+        return cls("dragon", num_steps, steps_between(0, 30, num_steps), regional=False)
 
     @classmethod
     def diffeditor(
@@ -283,14 +291,20 @@ def energy_gradient(
     text: torch.Tensor,
     reference: list[torch.Tensor],
     counts: Evaluations,
+    regional: bool = True,
 ) -> torch.Tensor:
-    """g = k·E_scale·[M ⊙ ∇_z E_edit + (1−M) ⊙ ∇_z E_content] at latent z (1, 4, h, w)."""
+    """At latent z (1, 4, h, w): regional g = k·E_scale·[M ⊙ ∇_z E_edit + (1−M) ⊙ ∇_z E_content]
+    (two backward passes), else global g = k·E_scale·∇_z (E_edit + E_content) (one)."""
     grid = energy_grid(tuple(z.shape[-2:]))
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         current = upsample(features(z, t, text), grid)
         counts.features += 1
         e_edit, e_content = plan.energy(current, reference)
+        if not regional:
+            counts.backward += 1
+            (g,) = torch.autograd.grad(plan.energy_scale * (e_edit + e_content), z)
+            return plan.k * g
         g_edit, g_content = (
             torch.autograd.grad(plan.energy_scale * e, z, retain_graph=True)[0]
             for e in (e_edit, e_content)
@@ -394,7 +408,14 @@ class Sampler:
             if self.reads_at_level(i):
                 z_read, t_read = self.bring(i, z, eps), steps.timesteps[self.level]
             guided_eps = eps + energy_gradient(
-                self.features, plan, z_read, t_read, text, reference, self.counts
+                self.features,
+                plan,
+                z_read,
+                t_read,
+                text,
+                reference,
+                self.counts,
+                self.schedule.regional,
             )
         x0 = predict_x0(z, guided_eps, steps.alpha[i])
         if i in self.schedule.sde and plan.sde_mask is not None:

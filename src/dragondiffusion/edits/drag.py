@@ -4,8 +4,10 @@ Each handle→target pair compares a 3×3 patch of the energy grid (H/4) at the 
 original features of the patch at the handle; a contrast term asks the old place to change, and
 the content energy keeps everything outside the editable region. Deliberate deviations: points are
 clamped against their own axis (upstream clamped x against the grid height), the reference patch is
-aligned by a cell-exact shift instead of raster-order pairing, and a zero-length drag (handle and
-target in one cell) has no contrast term instead of a NaN.
+aligned by a cell-exact shift instead of raster-order pairing, a target patch's cells whose
+handle-side cell lies off the grid (a handle on the image's edge) are left out of the edit term
+instead of comparing against zero features (a fixed similarity that no sampling could raise), and
+a zero-length drag (handle and target in one cell) has no contrast term instead of a NaN.
 """
 
 from __future__ import annotations
@@ -58,18 +60,25 @@ class DragPair:
     dst: Point
     handle_patch: torch.Tensor
     target_patch: torch.Tensor
+    landing: torch.Tensor
+    """The target patch's cells that the shift from the handle fills: those whose handle-side
+    cell lies on the grid (all nine, unless the handle is on the grid's edge)."""
 
 
 def drag_pair(handle: Point, target: Point, size, grid: tuple[int, int], device) -> DragPair:
     """Snap a pair of working-image points to cells of `grid` and build their 3×3 patches."""
     h_cell, t_cell = cell_of(handle, size, grid), cell_of(target, size, grid)
+    src, dst = cell_centre(h_cell, size, grid), cell_centre(t_cell, size, grid)
+    target_patch = patch(t_cell, grid, device=device)
+    on_grid = warp(torch.ones(1, 1, *grid, device=device), size, src, dst) > 0.5
     return DragPair(
         h_cell,
         t_cell,
-        cell_centre(h_cell, size, grid),
-        cell_centre(t_cell, size, grid),
+        src,
+        dst,
         patch(h_cell, grid, device=device),
-        patch(t_cell, grid, device=device),
+        target_patch,
+        target_patch & on_grid,
     )
 
 
@@ -119,7 +128,7 @@ def plan_drag(
             for p in pairs:
                 g_moved = warp(g, size, p.src, p.dst)
                 e_edit = e_edit + inverse_energy(
-                    w.w_edit, local_similarity(f, g_moved, p.target_patch, remapped=True)
+                    w.w_edit, local_similarity(f, g_moved, p.landing, remapped=True)
                 )
                 old_place = p.handle_patch & ~p.target_patch
                 if bool(old_place.any()):
@@ -136,11 +145,7 @@ def plan_drag(
     z_init = z_T
     for handle, target in points:
         lp = drag_pair(handle, target, size, latent_hw, z_T.device)
-        moved = warp(z_init, size, lp.src, lp.dst)
-        inside = lp.target_patch & (
-            warp(torch.ones_like(z_init[:, :1]), size, lp.src, lp.dst) > 0.5
-        )
-        z_init = torch.where(inside, moved, z_init)
+        z_init = torch.where(lp.landing, warp(z_init, size, lp.src, lp.dst), z_init)
     editable_latent = latent_cells(mask, latent_hw, "the editable region on the latent grid")
     n = inversion.num_steps
     return EditPlan(

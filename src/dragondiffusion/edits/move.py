@@ -123,7 +123,9 @@ def plan_move(
     seed: int = 0,
 ) -> EditPlan:
     """Build the move plan; `mask`/`reference_region` are (1, 1, H, W) at working size, points in
-    working-image pixels; `seed` draws the vacated area's fresh noise (weights.vacated_noise)."""
+    working-image pixels; `seed` draws the vacated area's fresh noise (weights.vacated_noise).
+    `reference_region` says what the vacated area should look like, so an edit that vacates
+    nothing (an enlargement in place) has no use for it: it is checked, then unused."""
     w = weights or MoveWeights()
     size = inversion.working_size
     z_T = inversion.latents[-1][:1]
