@@ -104,7 +104,8 @@ def table(pipe, steps: int, edits: list[str], modes: list[str]) -> str:
     note = (
         f"Reference: invert + plain DDIM back, {steps} steps: {base:.1f} s. Evaluations are UNet "
         "samples (a CFG pair counts 2); `features` passes stop after the second-to-last decoder "
-        "block; `backward` counts autograd.grad calls (E_edit and E_content separately)."
+        "block; `backward` counts autograd.grad calls (diffeditor: E_edit and "
+        "E_content separately; dragon: their sum, one)."
     )
     return "\n".join([*lines, "", note])
 
