@@ -74,8 +74,8 @@ def inverse_energy(weight: float, similarity: torch.Tensor) -> torch.Tensor:
 
     Kept as upstream has it: where s is a raw cosine (move's edit and content terms) the form
     has a pole at s = −α/β = −0.25, a region's *mean* cosine that decoder features of the same
-    content do not reach in practice; should a run get there, its gradient grows without bound
-    and the sampler stops with `SamplingDiverged` instead of writing NaN."""
+    content do not reach in practice; near it the gradient grows without bound (where it
+    overflows, the sampler stops with `SamplingDiverged` instead of writing NaN)."""
     return weight / (ALPHA + BETA * similarity)
 
 
