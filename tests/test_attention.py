@@ -1,6 +1,13 @@
+import pytest
 import torch
 
-from dragondiffusion.attention import BankMode, MemoryBank, bank_layers, token_mask
+from dragondiffusion.attention import (
+    BankMode,
+    MemoryBank,
+    _match_batch,
+    bank_layers,
+    token_mask,
+)
 
 
 def unet_eps(pipe, z, t, text):
@@ -71,6 +78,15 @@ def test_a_layer_too_coarse_for_either_region_reads_the_base_images_tokens():
     keys, values = bank.composite("l", tokens=4)
     assert keys.flatten().tolist() == [0, 1, 2, 3]
     assert values.flatten().tolist() == [100, 101, 102, 103]
+
+
+def test_bank_entries_of_two_images_are_never_spread_over_a_call():
+    """Entries reach the processors as image 0's only (`MemoryBank.own`); a batch of two would
+    have been repeated 1 // 2 = 0 times for a batch-1 call: no keys, silent zeros."""
+    entries = torch.zeros(2, 4, 1)
+    with pytest.raises(RuntimeError, match="bank entries of batch 2 for a call of batch 1"):
+        _match_batch(entries, 1)
+    assert _match_batch(entries[:1], 2).shape == (2, 4, 1)
 
 
 def test_processors_are_inert_for_text_to_image(pipe, tiny_bundle):

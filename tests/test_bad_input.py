@@ -173,9 +173,9 @@ def test_a_bundle_asking_more_steps_than_the_model_has_names_its_file(pipe):
 
 
 def test_a_bundle_reading_features_beyond_the_models_timesteps_names_its_file(pipe):
-    """A feature_timestep above the model's would read every guided step at the noisiest one
-    (a silent near-no-op of the energies); the error names the file and the first edit it
-    reaches (resize, which follows move's entry, comes after move)."""
+    """A feature_timestep above the model's timesteps would silently act as 0 (no step is
+    noisier than it); the error names the file and the first edit it reaches (resize, which
+    follows move's entry, comes after move)."""
     kept = pipe.edit_defaults
     weights = {"weights": {"move": {"feature_timestep": 1001.0}}}
     defaults = EditDefaults.parse(weights, "bundle/dragondiffusion.json")

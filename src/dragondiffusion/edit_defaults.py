@@ -91,8 +91,8 @@ def checked_weights(edit: str, weights: object) -> Any:
 
 def level_problem(t: float, most: int) -> str | None:
     """What is wrong with a `feature_timestep` of `t` on a model of `most` training timesteps,
-    or None: beyond them every guided step would read at the noisiest one (a silent near-no-op
-    of the energies)."""
+    or None: no step lies beyond them, so such a value would silently act as 0 (each step reads
+    at its own level), whatever the user meant by it."""
     if t > most:
         return (
             f"feature_timestep is {t:g}, beyond the model's {most} training timesteps; "
