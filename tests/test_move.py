@@ -275,3 +275,28 @@ def test_the_record_counts_the_blended_steps(pipe, inversion, scene):
     result = pipe.move(inversion, scene[1], (35, 45), (100, 45), weights=weights)
     assert result.record["schedule"]["background_blended"] == inversion.num_steps // 2
     assert result.record["weights"]["vacated_noise"] == 1.0
+
+
+def test_the_public_move_scales_points_per_axis_for_masks_and_noise_alike(
+    pipe, scene, inversion, monkeypatch
+):
+    """Upstream's bug #1 through `pipe.move`: a 160×96 input works at 192×128 (×1.2 in x, ×4/3
+    in y), so input points (40, 48) → (120, 48) are (48, 64) → (144, 64) at working size, a
+    shift of 12 latent cells (8 px each); the object's inverted noise must land there, where
+    its moved mask lands (upstream seeded z_T with the unscaled offsets)."""
+    from dragondiffusion import pipeline as pipeline_module
+
+    plans = []
+
+    def spy(*args, **kwargs):
+        plans.append((args, plan_move(*args, **kwargs)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(pipeline_module, "plan_move", spy)
+    pipe.move(inversion, scene[1], (40, 48), (120, 48))
+    (args, plan) = plans[0]
+    assert args[2] == pytest.approx((48.0, 64.0)) and args[3] == pytest.approx((144.0, 64.0))
+    z_T = inversion.latents[-1][:1]
+    # the square covers working x 24-60, y 40-80: latent cells x 3-7, y 5-9 (wholly inside)
+    assert torch.equal(plan.z_init[..., 5:10, 15:19], z_T[..., 5:10, 3:7])
+    assert plan.edit_mask[0, 0, 5:10, 15:19].all() and not plan.edit_mask[0, 0, :, :13].any()
