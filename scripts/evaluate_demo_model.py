@@ -18,13 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo_model import HELD_OUT_PHOTOS, TRAIN_SEED_FLOOR, load_photos, training_summary
 
 from dragondiffusion import load
-from dragondiffusion.cli import check_writable
+from dragondiffusion.cli import check_writable, set_threads
 from dragondiffusion.errors import InputError
 from dragondiffusion.model_report import PHOTO_MOVE_RESOLUTION, measure, write_report
 
@@ -58,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         check_args(args)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         pipe = load(args.model, args.device)
         pipe.set_progress_bar_config(disable=True)
         photos = dict(zip(HELD_OUT_PHOTOS, load_photos(HELD_OUT_PHOTOS), strict=True))
@@ -85,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_args(args: argparse.Namespace) -> None:
     """InputError for a bad option, before the model loads (not after the measurement)."""
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.photo_resolution is not None and args.photo_resolution <= 0:
         raise InputError("--photo-resolution must be a positive number of pixels, e.g. 288")
     if not 1 <= args.scenes <= TRAIN_SEED_FLOOR:

@@ -86,7 +86,7 @@ class MemoryBank:
         k, v = self.lookup(layer)
         keep = [token_mask(m, tokens) for m in self.composite_masks]
         if not bool((~keep[0]).any() or keep[1].any()):
-            return k[:1], v[:1]
+            return self.own(layer)
         k = torch.cat([k[0][~keep[0]], k[1][keep[1]]])[None]
         v = torch.cat([v[0][~keep[0]], v[1][keep[1]]])[None]
         return k, v
