@@ -80,6 +80,21 @@ def test_a_layer_too_coarse_for_either_region_reads_the_base_images_tokens():
     assert values.flatten().tolist() == [100, 101, 102, 103]
 
 
+def test_a_layer_where_one_region_is_empty_reads_the_other_alone():
+    """The fallback is for both regions empty only: where the base mask covers every token
+    but the reference mask selects one, that token alone is read (and vice versa)."""
+    bank = MemoryBank()
+    k = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    bank.store = {("l", 0): (k, k + 100)}
+    corner = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])
+    bank.composite_masks = (torch.ones(1, 1, 2, 2), corner)
+    keys, values = bank.composite("l", tokens=4)
+    assert keys.flatten().tolist() == [7] and values.flatten().tolist() == [107]
+    bank.composite_masks = (1 - corner, torch.zeros(1, 1, 2, 2))
+    keys, _ = bank.composite("l", tokens=4)
+    assert keys.flatten().tolist() == [3]
+
+
 def test_bank_entries_of_two_images_are_never_spread_over_a_call():
     """Entries reach the processors as image 0's only (`MemoryBank.own`); a batch of two would
     have been repeated 1 // 2 = 0 times for a batch-1 call: no keys, silent zeros."""
