@@ -55,10 +55,17 @@ def test_bank_layers_and_bytes():
     assert bank.nbytes() == 2 * 2 * 6 * 4
 
 
-def test_composite_selects_outside_base_mask_and_inside_reference_mask():
+def two_image_bank() -> MemoryBank:
+    """A bank of one layer "l" at step 0 for two images of 2×2 tokens: image 0's keys are
+    0-3, image 1's 4-7, each value its key + 100."""
     bank = MemoryBank()
-    k = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)  # 2 images, 2×2 tokens
+    k = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
     bank.store = {("l", 0): (k, k + 100)}
+    return bank
+
+
+def test_composite_selects_outside_base_mask_and_inside_reference_mask():
+    bank = two_image_bank()
     base = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
     ref = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])
     bank.composite_masks = (base, ref)
@@ -71,9 +78,7 @@ def test_composite_selects_outside_base_mask_and_inside_reference_mask():
 def test_a_layer_too_coarse_for_either_region_reads_the_base_images_tokens():
     """At a coarse layer the base mask may cover every token and the reference mask none:
     attention over no keys would silently give zeros, so the layer reads image 0's own."""
-    bank = MemoryBank()
-    k = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
-    bank.store = {("l", 0): (k, k + 100)}
+    bank = two_image_bank()
     bank.composite_masks = (torch.ones(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
     keys, values = bank.composite("l", tokens=4)
     assert keys.flatten().tolist() == [0, 1, 2, 3]
@@ -83,9 +88,7 @@ def test_a_layer_too_coarse_for_either_region_reads_the_base_images_tokens():
 def test_a_layer_where_one_region_is_empty_reads_the_other_alone():
     """The fallback is for both regions empty only: where the base mask covers every token
     but the reference mask selects one, that token alone is read (and vice versa)."""
-    bank = MemoryBank()
-    k = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
-    bank.store = {("l", 0): (k, k + 100)}
+    bank = two_image_bank()
     corner = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])
     bank.composite_masks = (torch.ones(1, 1, 2, 2), corner)
     keys, values = bank.composite("l", tokens=4)
