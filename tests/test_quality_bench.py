@@ -406,6 +406,52 @@ def test_no_match_ablation_zeroes_the_match_where_the_edit_has_one(pipe, drawn, 
     assert seen["move"] == model.weights("move"), "move has no match: the model's own weights"
 
 
+def test_resolution_runs_the_edits_and_the_vae_ceiling_at_that_working_size(
+    pipe, drawn, monkeypatch
+):
+    case = drawn["move"][0]  # 128 px: the tiny model's native resolution is not that
+    side = case.expected.shape[0]
+    native = pipe.working_size((side, side))
+    larger = 2 * native[0]
+    variant = {v.name: v for v in quality.Settings(steps=4).variants()}["diffeditor"]
+    inversions: dict = {}
+    output, _ = quality.produce(pipe, case, variant, inversions, 0, 4.0, resolution=larger)
+    assert output.shape == case.expected.shape, "the output at the scene's size, to compare"
+    (store,) = inversions.values()
+    assert {inv.working_size for inv in store.values()} == {(larger, larger)}
+    seen = []
+    real = quality.vae_round_trip
+    monkeypatch.setattr(
+        quality, "vae_round_trip", lambda pipe, image: seen.append(image.size) or real(pipe, image)
+    )
+    for resolution in (larger, None):
+        ceiling, _ = quality.produce(pipe, case, quality.CEILING, {}, 0, 4.0, resolution=resolution)
+        assert ceiling.shape == case.expected.shape
+    assert seen == [(larger, larger), native]
+
+
+def test_resolution_is_checked_before_the_run_and_has_its_own_docs_section(pipe, monkeypatch):
+    with pytest.raises(InputError, match="--resolution must be a positive number"):
+        quality.Settings(resolution=0)
+    with pytest.raises(InputError, match=r"^--resolution 100000 px is above"):
+        quality.Settings(resolution=100_000).check_model(pipe)
+    quality.Settings(resolution=2 * pipe.native_resolution).check_model(pipe)
+    assert "--resolution" not in quality.Settings().command()
+    assert "--seed 0 --resolution 256 " in quality.Settings(resolution=256).command()
+    assert quality.docs_section(None) == (
+        "quality:embedded demo model",
+        "Quality: embedded demo model",
+    )
+    assert quality.docs_section(None, 256) == (
+        "quality:embedded demo model@256px",
+        "Quality: embedded demo model, working at 256 px",
+    )
+    given = []
+    monkeypatch.setattr(quality, "quality", lambda settings, *a, **k: given.append(settings))
+    main(["bench", "quality", "--resolution", "192", "--no-docs"])
+    assert given[0].resolution == 192
+
+
 def test_keep_background_composites_the_methods_output_instead_of_sampling_again(pipe, drawn):
     variants = {v.name: v for v in quality.Settings(steps=4).variants()}
     case = drawn["move"][0]
@@ -435,7 +481,7 @@ def test_a_diverging_variant_scores_black_and_the_run_goes_on(pipe, drawn, monke
 def test_an_ablation_of_a_part_the_edit_lacks_reuses_the_methods_output(pipe, monkeypatch):
     made = []
 
-    def fake_produce(pipe, case, variant, inversions, seed, cell_px, results=None):
+    def fake_produce(pipe, case, variant, inversions, seed, cell_px, results=None, resolution=None):
         made.append((case.example.edit, variant.name))
         return np.clip(case.image.astype(int) + len(made), 0, 255).astype(np.uint8), 0.0  # own
 
@@ -600,6 +646,19 @@ def test_workers_resume_a_run_side_by_side_with_the_same_results(cli_run, tiny_b
     assert saved["status"] == "complete" and (saved["workers"], saved["threads"]) == (2, threads)
     assert_same_rows(whole["results"], saved["results"])
     assert [case.edit for case, _ in done.examples] == list(EDITS)
+
+
+def test_a_run_saved_before_resolution_existed_resumes_at_the_native_one(
+    cli_run, tiny_bundle, tmp_path
+):
+    saved = json.loads((cli_run[2] / "quality.json").read_text())
+    saved["status"] = "incomplete"
+    del saved["settings"]["resolution"]  # as a run of the version before wrote it
+    (tmp_path / "quality.json").write_text(json.dumps(saved))
+    settings = quality.Settings(model=str(tiny_bundle), device="cpu", **RUN)
+    assert quality.read_earlier(tmp_path, settings, resume=True) is not None
+    with pytest.raises(InputError, match="other settings"):
+        quality.read_earlier(tmp_path, replace(settings, resolution=96), resume=True)
 
 
 def test_a_worker_that_loads_other_weights_stops_the_run_with_the_reason(pipe, tiny_bundle):

@@ -180,6 +180,12 @@ def add_bench_parser(sub) -> None:
     quality.add_argument("--steps", type=int, help=STEPS_HELP)
     quality.add_argument("--seed", type=int, default=0, help="scenes and sampler seed (0)")
     quality.add_argument(
+        "--resolution",
+        type=int,
+        help="working resolution of the edits, px as √area (default: the model's native); "
+        "the scenes and the metrics stay at the native resolution",
+    )
+    quality.add_argument(
         "--ablations",
         default=",".join(ABLATIONS),
         help="ablations, in the first mode, or none (default: all)",
@@ -370,6 +376,7 @@ def run_bench(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         sweep=tuple(weight_values(text) for text in args.sweep),
+        resolution=args.resolution,
     )
     docs = None if args.no_docs else args.docs
     quality.quality(

@@ -285,11 +285,14 @@ def run_example(
     steps: int | None,
     inversions: dict,
     seed: int = 42,
+    resolution: int | None = None,
     **options: Any,
 ) -> DemoEdit:
     """Run one example, inverting its image(s) unless an earlier example already did.
 
     steps: DDIM steps; None: the model's default for the edit (`EditDefaults.num_steps`).
+    resolution: the working resolution of a new inversion (None: the model's native one); an
+    inversion already in `inversions` keeps its own, so one dict serves one resolution.
     `inversions` maps (Example.inversion key, steps) to inversions; `options` go to the edit as
     they are (other EditOptions fields, `weights`).
     """
@@ -305,6 +308,7 @@ def run_example(
             count,
             reference=given.get("reference"),
             reference_prompt=given.get("reference_prompt"),
+            resolution=resolution,
         )
         inversion_seconds = time.perf_counter() - started
     arguments = {**given, "image": inversions[key]}

@@ -76,7 +76,7 @@ from .metrics import (
     segment,
     ssim,
 )
-from .report import COLUMNS, brief, model_label, section, sheet, summary, table
+from .report import COLUMNS, brief, model_label, section, sheet, summary, table, working_text
 from .sections import check_sections, write_section
 from .workers import check_workers, side_by_side, threads_each
 
@@ -214,6 +214,10 @@ class Settings:
     sweep: tuple[tuple[str, tuple[float, ...]], ...] = ()
     """Weights to try (`--set NAME=V1,V2`): one row of the method in the first mode per
     combination of the values, the other weights at the model's defaults."""
+    resolution: int | None = None
+    """Working resolution of the edits (and of the VAE ceiling), px as √area; None: the
+    model's native one. The scenes, the metrics' masks and the feature cell they count in stay
+    at the native resolution, so runs at different resolutions compare row for row."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.n <= MAX_SCENES:
@@ -225,6 +229,11 @@ class Settings:
             raise InputError(f"--seed must be a whole number ≥ 0, got {self.seed}")
         if self.steps is not None and self.steps < 2:
             raise InputError(f"--steps must be at least 2, got {self.steps}")
+        if self.resolution is not None and self.resolution < 1:
+            raise InputError(
+                f"--resolution must be a positive number of pixels, got {self.resolution}; "
+                "leave it out for the model's native resolution"
+            )
         if self.steps is not None:
             self.check_fewer(self.steps, "--steps")
         elif self.fewer_steps is not None and self.fewer_steps < 2:
@@ -277,6 +286,12 @@ class Settings:
         """Check the steps against the model's per-edit defaults (when --steps is not given),
         and a --set feature_timestep against the model's timesteps."""
         most = pipe.scheduler.config.num_train_timesteps
+        if self.resolution is not None:
+            size = pipe.native_resolution
+            try:
+                pipe.working_size((size, size), self.resolution)
+            except InputError as err:
+                raise InputError(f"--{err}") from None
         for name, values in self.sweep:
             if name == "feature_timestep" and (problem := level_problem(max(values), most)):
                 raise InputError(f"--set {problem}")
@@ -318,6 +333,7 @@ class Settings:
             f"--mode {','.join(self.modes)}",
             *([f"--steps {self.steps}"] if self.steps is not None else []),
             f"--seed {self.seed}",
+            *([f"--resolution {self.resolution}"] if self.resolution is not None else []),
             f"--ablations {','.join(self.ablations) or 'none'}",
         ]
         if "fewer-steps" in self.ablations and self.fewer is not None:
@@ -378,9 +394,11 @@ def produce(
     seed: int,
     cell_px: float,
     results: dict[tuple, EditResult] | None = None,
+    resolution: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """The variant's output (H, W, 3) uint8 for the case, and the seconds it spent inverting
-    the case's image(s) (0 when an earlier variant did).
+    the case's image(s) (0 when an earlier variant did); the model works at `resolution`
+    (None: its native one).
 
     inversions: steps → the case's inversions of that many steps (shared by the variants).
     results: the case's method results by `effective` key (filled here): a keep-background
@@ -392,7 +410,8 @@ def produce(
         return case.expected, 0.0
     if variant is CEILING:
         size = case.expected.shape[1::-1]
-        decoded = vae_round_trip(pipe, model_input(pipe, case.expected))
+        working = pipe.working_size(size, resolution)
+        decoded = vae_round_trip(pipe, model_input(pipe, case.expected, working))
         return as_array(model_input(pipe, as_array(decoded), size)), 0.0
     if variant is BASELINE:
         return baseline(case.example.edit, case.example.arguments, cell_px), 0.0
@@ -414,7 +433,7 @@ def produce(
         pipe.feature_overrides = {}
     try:
         store = inversions.setdefault(steps, {})
-        done = run_example(pipe, case.example, steps, store, seed, **options)
+        done = run_example(pipe, case.example, steps, store, seed, resolution=resolution, **options)
     except SamplingDiverged:
         # A --set value too strong for the model: scored as nothing (black), as the NaN it
         # stopped at would have decoded, and the other rows of the run go on.
@@ -617,7 +636,14 @@ def case_rows(
         else:
             began = time.perf_counter()
             output, inverting = produce(
-                pipe, case, variant, inversions, settings.seed, cell_px, results
+                pipe,
+                case,
+                variant,
+                inversions,
+                settings.seed,
+                cell_px,
+                results,
+                settings.resolution,
             )
             seconds, note = time.perf_counter() - began - inverting, ""
             if plain is not None:  # composited on its twin's output: that cost too
@@ -818,7 +844,10 @@ def read_earlier(folder: Path, settings: Settings, resume: bool) -> dict[str, An
                 f"measured); pass --resume to continue it, or give another --out"
             )
         return None
-    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+    given = saved.get("settings")
+    if isinstance(given, dict):  # a field added since (--resolution) at its default
+        given = {**json.loads(json.dumps(asdict(Settings()))), **given}
+    if given != json.loads(json.dumps(asdict(settings))):
         raise InputError(
             f"--resume: {folder} holds a benchmark of other settings ({saved.get('command')}); "
             "run that command with --resume, or give another --out"
@@ -920,10 +949,13 @@ def quality(
         return measured(settings, folder, docs, log, saved, workers, threads)
 
 
-def docs_section(model: str | None) -> tuple[str, str]:
-    """The key and title of `model`'s section in the docs file."""
+def docs_section(model: str | None, resolution: int | None = None) -> tuple[str, str]:
+    """The key and title of `model`'s section in the docs file; a run at another working
+    resolution has a section of its own."""
     label = model_label(model)
-    return f"quality:{label}", f"Quality: {label}"
+    if resolution is None:
+        return f"quality:{label}", f"Quality: {label}"
+    return f"quality:{label}@{resolution}px", f"Quality: {label}, working at {resolution} px"
 
 
 def measured(
@@ -950,7 +982,8 @@ def measured(
     variants = settings.variants()
     log(
         f"{settings.n} scene(s) × {len(settings.edits)} edit(s) × {len(variants)} variant(s) at "
-        f"{pipe.native_resolution} px on {pipe.device}; writing to {folder}/"
+        f"{pipe.native_resolution} px{working_text(settings.resolution)} on {pipe.device}; "
+        f"writing to {folder}/"
     )
     if earlier is None:
         started = QualityRun(settings, name, str(pipe.device), 0, fingerprint=stamp)
@@ -976,7 +1009,7 @@ def measured(
     write_text(folder / SUMMARY, summary(done, "complete"))
     log(table(done))
     if docs is not None:
-        key, title = docs_section(settings.model)
+        key, title = docs_section(settings.model, settings.resolution)
         write_section(docs, key, title, text)
         log(f"wrote the section '{title}' of {docs}")
     log(f"wrote {folder}/contact_sheet.png, quality.md and {SUMMARY} in {done.seconds:.1f} s")

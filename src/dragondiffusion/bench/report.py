@@ -36,6 +36,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 """(metric key, table heading), in table order; `quality`'s module doc says what each is."""
 
 
+def working_text(resolution: int | None) -> str:
+    """ ", the edits working at R px" for a run at another working resolution, else ""."""
+    return "" if resolution is None else f", the edits working at {resolution} px"
+
+
 def formatted(key: str, value: float) -> str:
     """A metric as the table shows it: dB to 0.1, shares in %, pixels/cells to 0.01."""
     if math.isnan(value):
@@ -93,9 +98,11 @@ def section(run: QualityRun) -> str:
             f"`{s.command()}`",
             "",
             f"Model `{run.model}`; {s.n} held-out scene(s) per edit at the model's native "
-            f"resolution; {run.steps_text()}; seed {s.seed}; device {run.device}; "
+            f"resolution{working_text(s.resolution)}; {run.steps_text()}; seed {s.seed}; "
+            f"device {run.device}; "
             f"dragondiffusion {__version__}; {run.date}; {run.seconds / 60:.1f} minutes. "
-            f"A feature cell is {run.cell_px:g} px.",
+            f"A feature cell is {run.cell_px:g} px"
+            f"{'' if s.resolution is None else ' (at the native resolution)'}.",
             "",
             table(run),
             "",
