@@ -828,6 +828,11 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
     return saved
 
 
+def as_saved(settings: Settings) -> dict[str, Any]:
+    """The settings as quality.json holds them (tuples read back as lists)."""
+    return json.loads(json.dumps(asdict(settings)))
+
+
 def read_earlier(folder: Path, settings: Settings, resume: bool) -> dict[str, Any] | None:
     """The output folder's quality.json when `resume` is asked and it holds a run of these
     settings (None: nothing to continue). Refuses to start afresh over an unfinished run (its
@@ -846,8 +851,8 @@ def read_earlier(folder: Path, settings: Settings, resume: bool) -> dict[str, An
         return None
     given = saved.get("settings")
     if isinstance(given, dict):  # a field added since (--resolution) at its default
-        given = {**json.loads(json.dumps(asdict(Settings()))), **given}
-    if given != json.loads(json.dumps(asdict(settings))):
+        given = {**as_saved(Settings()), **given}
+    if given != as_saved(settings):
         raise InputError(
             f"--resume: {folder} holds a benchmark of other settings ({saved.get('command')}); "
             "run that command with --resume, or give another --out"
