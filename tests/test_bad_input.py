@@ -35,6 +35,8 @@ FROM, TO = (35, 45), (100, 45)
         (dict(ip_scale=math.inf), "ip_scale must be a finite number"),
         (dict(keep_background="yes"), "keep_background must be True or False"),
         (dict(memory_bank=2), "memory_bank must be True or False"),
+        (dict(background_margin=-1), "background_margin must be a whole number of pixels ≥ 0"),
+        (dict(background_margin=2.5), "background_margin must be a whole number"),
     ],
 )
 def test_edit_options_refuse_values_of_the_wrong_kind(options, match):
@@ -52,6 +54,7 @@ def test_edit_options_take_numpy_numbers_and_flags_as_python_ones():
         ip_scale=np.float64(0.2),
         keep_background=1,
         memory_bank=np.bool_(False),
+        background_margin=np.int64(6),
     )
     assert type(options.num_inference_steps) is int and options.num_inference_steps == 4
     assert type(options.seed) is int and options.seed == 7
@@ -59,6 +62,7 @@ def test_edit_options_take_numpy_numbers_and_flags_as_python_ones():
     assert type(options.sde_strength) is float and options.sde_strength == 0.5
     assert type(options.ip_scale) is float
     assert options.keep_background is True and options.memory_bank is False
+    assert type(options.background_margin) is int and options.background_margin == 6
 
 
 @pytest.mark.parametrize(

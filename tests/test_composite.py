@@ -6,32 +6,54 @@ import pytest
 import torch
 
 from dragondiffusion.cli import main
-from dragondiffusion.composite import background_alpha, keep_background
+from dragondiffusion.composite import background_alpha, default_margin, keep_background
 from dragondiffusion.errors import InputError
 from dragondiffusion.io import read_record
 
 
-def test_alpha_is_one_on_the_grown_region_ramps_over_one_cell_and_is_zero_beyond():
-    region = torch.zeros(1, 1, 4, 6, dtype=torch.bool)
-    region[..., 1, 2] = True  # latent cell (row 1, col 2) = pixels y 8-15, x 16-23 at 8 px/cell
-    alpha = background_alpha(region, (48, 32))
+def one_pixel_region(h: int = 32, w: int = 48, y: int = 12, x: int = 20) -> torch.Tensor:
+    region = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    region[..., y, x] = True
+    return region
+
+
+def test_alpha_is_one_near_the_region_ramps_over_the_rest_of_the_margin_and_is_zero_beyond():
+    alpha = background_alpha(one_pixel_region(), (48, 32), 6)
     assert alpha.shape == (32, 48)
-    assert (alpha[0:24, 8:32] == 1).all()  # the cell grown by 8 px on every side
-    ramp = alpha[12, 32:41]  # to the right: falls from 1 to 0 over the next 8 px
-    assert ramp[0] < 1 and ramp[-1] == 0 and (np.diff(ramp) <= 0).all()
-    assert (alpha[:, 40:] == 0).all() and (alpha[24:] < 1).all()
+    assert (alpha[9:16, 17:24] == 1).all()  # the pixel and 3 px (half the margin) around it
+    ramp = alpha[12, 23:28]  # to the right: distances 3 … 7
+    assert ramp.tolist() == pytest.approx([1, 3 / 4, 2 / 4, 1 / 4, 0])
+    square = np.zeros((32, 48), bool)
+    square[6:19, 14:27] = True  # every pixel within 6 px (a square neighbourhood)
+    assert (alpha[square] > 0).all() and (alpha[~square] == 0).all()
+
+
+def test_margin_zero_is_the_region_itself_and_other_output_sizes_keep_all_of_it():
+    region = one_pixel_region()
+    assert np.array_equal(background_alpha(region, (48, 32), 0), region[0, 0].float().numpy())
+    # At 3× the working size the region's pixel covers a 3×3 block; at half size the block of
+    # 2×2 working pixels it lies in.
+    big = background_alpha(region, (144, 96), 0)
+    assert big.sum() == 9 and (big[36:39, 60:63] == 1).all()
+    small = background_alpha(region, (24, 16), 0)
+    assert small.sum() == 1 and small[6, 10] == 1
 
 
 def test_outside_pixels_are_the_inputs_exactly():
     rng = np.random.default_rng(0)
     original = PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
     edited = PIL.Image.fromarray(np.zeros((32, 48, 3), np.uint8))
-    region = torch.zeros(1, 1, 4, 6, dtype=torch.bool)
-    region[..., 1, 2] = True
-    out = np.asarray(keep_background(edited, original, region))
-    alpha = background_alpha(region, (48, 32))
+    region = one_pixel_region()
+    out = np.asarray(keep_background(edited, original, region, 4))
+    alpha = background_alpha(region, (48, 32), 4)
     assert np.array_equal(out[alpha == 0], np.asarray(original)[alpha == 0])
-    assert (out[alpha == 1] == 0).all()
+    assert (out[alpha == 1] == 0).all() and (alpha == 1).sum() == 25
+
+
+def test_default_margin_is_one_feature_cell_in_output_pixels():
+    assert default_margin((128, 128), (128, 128), 4.0) == 4
+    assert default_margin((512, 384), (1024, 768), 4.0) == 8
+    assert default_margin((128, 128), (32, 32), 4.0) == 1  # never below one pixel
 
 
 def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inversion):
@@ -53,6 +75,25 @@ def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inv
     assert np.array_equal(np.asarray(later.image), out) and later.record["keep_background"]
     assert np.array_equal(np.asarray(plain.image), full) and not plain.record["keep_background"]
     assert kept.with_background_kept() is kept
+    # Every pixel beyond the margin around the object's old and new places is the input's; the
+    # margin is one feature cell of the working image, in output pixels.
+    margin = kept.record["background_margin"]
+    working = kept.record["working_size"]
+    cell = working[1] / (2 * kept.latent.shape[-2])  # the energy grid is twice the latent's
+    assert margin == default_margin(tuple(working), kept.image.size, cell) >= 1
+    alpha = background_alpha(kept.region, kept.image.size, margin)
+    assert np.array_equal(out[alpha == 0], img[alpha == 0]) and (alpha == 0).mean() > 0.5
+    assert kept.region.shape[-2:] == (working[1], working[0])
+    # Another margin from the plain result; not from one already kept with its own.
+    wider = plain.with_background_kept(margin=margin + 8)
+    assert wider.record["background_margin"] == margin + 8
+    wide = background_alpha(kept.region, kept.image.size, margin + 8)
+    assert (wide > 0).sum() > (alpha > 0).sum()
+    assert not np.array_equal(np.asarray(wider.image), out)
+    with pytest.raises(InputError, match="already has its background kept"):
+        kept.with_background_kept(margin=margin + 8)
+    with pytest.raises(InputError, match="background_margin must be a whole number"):
+        plain.with_background_kept(margin=-2)
     bare = type(plain)(plain.image, plain.latent, dict(plain.record))
     with pytest.raises(InputError, match="no edit region"):
         bare.with_background_kept()
@@ -70,5 +111,9 @@ def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle):
     ]  # fmt: skip
     assert main(args) == 0
     assert read_record(out)["keep_background"] is True
+    assert main([*args, "--background-margin", "9"]) == 0
+    assert read_record(out)["background_margin"] == 9
+    without = [a for a in args if a != "--keep-background"]
+    assert main([*without, "--background-margin", "9"]) == 2
     with PIL.Image.open(out) as im:
         assert np.array_equal(np.asarray(im.convert("RGB"))[:, 140:], img[:, 140:])

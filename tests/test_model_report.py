@@ -430,6 +430,7 @@ def test_photo_move_section_reports_the_numbers():
         seconds=95.0,
         kept_moved=(78.04, -1.0),
         kept_background_psnr=47.26,
+        kept_margin=12,
     )
     text = "\n".join(photo_move_section(result, "images/demo-model-photo-move.png"))
     assert text.startswith("## Moving an object in a held-out photo")
@@ -442,6 +443,7 @@ def test_photo_move_section_reports_the_numbers():
         "| with `keep_background=True`: object shift measured, x / y | +78.0 px / -1.0 px |" in text
     )
     assert "| with `keep_background=True`: background PSNR | 47.3 dB |" in text
+    assert "pixels back beyond 12 px of the object's old and new places" in text
     result.kept_background_psnr = math.nan  # a result made before keep_background was measured
     assert "background PSNR | n/a |" in "\n".join(photo_move_section(result, None))
     assert "![photo-move](images/demo-model-photo-move.png)" in text

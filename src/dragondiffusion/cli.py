@@ -76,7 +76,15 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-background",
         action="store_true",
-        help="keep the input's own pixels outside the edited region (feathered seam)",
+        help="keep the input's own pixels beyond a margin around the edited region",
+    )
+    p.add_argument(
+        "--background-margin",
+        type=int,
+        metavar="PX",
+        help="with --keep-background: output pixels around the edited region that stay the "
+        "edit's, the outer half a feathered seam (default: one feature cell, 4 working px); "
+        "widen it when the mask is tighter than the object",
     )
     p.add_argument(
         "--ip-adapter",
@@ -255,6 +263,16 @@ def check_writable(path: Path, out: str) -> None:
         raise InputError(f"--out {out!r}: {problem}; choose another --out")
 
 
+def margin_of(args: argparse.Namespace) -> int:
+    """--background-margin, which only means something with --keep-background."""
+    if not args.keep_background:
+        raise InputError(
+            "--background-margin is the margin of a kept background; add --keep-background "
+            "or leave the margin out"
+        )
+    return args.background_margin
+
+
 def edit_options(args: argparse.Namespace) -> dict:
     """The EditOptions fields from the common command-line options."""
     return {
@@ -266,6 +284,7 @@ def edit_options(args: argparse.Namespace) -> dict:
         "sde_strength": args.sde_strength,
         "sde_strength_outside": args.sde_strength_outside,
         "keep_background": args.keep_background,
+        **({} if args.background_margin is None else {"background_margin": margin_of(args)}),
         **({} if args.ip_scale is None else {"ip_scale": args.ip_scale}),
     }
 

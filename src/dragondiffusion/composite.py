@@ -1,13 +1,15 @@
-"""Keeping the background: paste the input back outside the region an edit changes.
+"""Keeping the background: paste the input back outside the pixels an edit changes.
 
 The method re-synthesises the whole image, so even pixels far from the edit pass through the VAE
 and drift (a small model blurs them; SD 1.5 loses fine texture). With `keep_background` the output
-is the input wherever the edit had no business changing it: outside the edit's region (the
-regional-SDE mask of the plan: the object's old and new places for move, the object for
-appearance, the editable region for drag, the pasted region for paste), grown by one latent cell
-and feathered over one more, so the seam falls in content the model has already matched to its
-surroundings. Pixels beyond the feather are the input's own, exactly. Effects the model adds
-outside the region (a shadow cast by a moved object) are lost; that is the trade.
+is the input wherever the edit had no business changing it: beyond a margin around the edit's
+region in pixels (`EditPlan.region`: the object's old and new places for move and resize, the
+object for appearance, the editable region for drag, the pasted object for paste). The first half
+of the margin is the edit's own, the second half a linear seam, and every pixel farther than the
+margin is the input's own, exactly. The default margin is one feature cell of the energies (4
+working pixels for SD's 8-pixel latent cells), the precision the edit places things with; a mask
+drawn tighter than the object's edge needs a wider one (its rim would stay where it was). Effects
+the model adds beyond the margin (a shadow cast by a moved object) are lost; that is the trade.
 """
 
 from __future__ import annotations
@@ -17,34 +19,55 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .geometry import grow
+from .errors import InputError, require_whole
 
 
-def background_alpha(region: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) float32 weight of the edited image at output `size` (W, H): 1 on the region grown
-    by one cell of its grid, falling linearly to 0 over one more cell, 0 beyond.
+def background_alpha(region: torch.Tensor, size: tuple[int, int], margin: int) -> np.ndarray:
+    """(H, W) float32 weight of the edited image at output `size` (W, H): 1 on `region` and up
+    to margin // 2 pixels from it, falling linearly over the rest of the margin, 0 on every
+    pixel farther than `margin` from it (distances in a square neighbourhood).
 
-    region: (1, 1, h, w) bool on a grid covering the image (the latent grid)."""
+    region: (1, 1, h, w) bool at the working size; an output pixel belongs to it when its area
+    overlaps the region (so a different output size never shrinks it)."""
     width, height = size
-    h, w = region.shape[-2:]
-    cell = max(1, round(max(height / h, width / w)))
-    mask = F.interpolate(region.float().cpu(), size=(height, width), mode="nearest")
-    grown = grow(mask, cell)
-    # A box filter of 2·cell+1 on the grown mask is 1 inside it, 0 beyond one more cell.
-    feather = F.avg_pool2d(
-        F.pad(grown, (cell, cell, cell, cell), mode="replicate"), 2 * cell + 1, stride=1
-    )
-    alpha = torch.maximum(grown, feather).clamp(0, 1)
+    grown = F.adaptive_max_pool2d(region.float().cpu(), (height, width))
+    inner = margin // 2
+    grown = F.max_pool2d(grown, 2 * inner + 1, stride=1, padding=inner) if inner else grown
+    # At distance d beyond `inner` the weight is the share of the dilations by inner … margin
+    # that reach the pixel: (margin − d + 1) / (margin − inner + 1).
+    total = grown.clone()
+    for _ in range(margin - inner):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+        total += grown
+    alpha = total / (margin - inner + 1)
     return alpha[0, 0].numpy().astype(np.float32)
 
 
+def default_margin(working: tuple[int, int], output: tuple[int, int], cell: float) -> int:
+    """One feature cell (`cell` working pixels) in pixels of an output of size `output`."""
+    stretch = max(output[0] / working[0], output[1] / working[1])
+    return max(1, round(cell * stretch))
+
+
+def margin_given(margin: object) -> int:
+    """A background margin given by the user: a whole number of pixels ≥ 0, else InputError."""
+    value = require_whole("background_margin", margin)
+    if value < 0:
+        raise InputError(
+            f"background_margin must be a whole number of pixels ≥ 0, got {margin!r} "
+            "(0: the edit's region exactly, no seam)"
+        )
+    return value
+
+
 def keep_background(
-    edited: PIL.Image.Image, original: PIL.Image.Image, region: torch.Tensor
+    edited: PIL.Image.Image, original: PIL.Image.Image, region: torch.Tensor, margin: int
 ) -> PIL.Image.Image:
-    """`edited` inside the grown, feathered `region`, `original` (same size) outside it."""
+    """`edited` on `region` and within `margin` pixels of it (feathered), `original` (resized to
+    the same size) beyond."""
     if edited.size != original.size:
         original = original.resize(edited.size, PIL.Image.LANCZOS)
-    alpha = background_alpha(region, edited.size)[..., None]
+    alpha = background_alpha(region, edited.size, margin)[..., None]
     new = np.asarray(edited.convert("RGB"), np.float32)
     old = np.asarray(original.convert("RGB"), np.float32)
     mixed = alpha * new + (1.0 - alpha) * old

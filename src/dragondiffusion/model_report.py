@@ -626,6 +626,8 @@ class PhotoMoveResult:
     """`moved` of the output with the background kept (`keep_background`)."""
     kept_background_psnr: float = math.nan
     """`background_psnr` of the output with the background kept."""
+    kept_margin: int | None = None
+    """The kept background's margin, output pixels (None: not recorded)."""
 
 
 def moved_places(mask: np.ndarray, shift: Point, margin: int = BACKGROUND_MARGIN) -> np.ndarray:
@@ -738,6 +740,7 @@ def photo_move(
         seconds=time.perf_counter() - started,
         kept_moved=with_kept["moved"],
         kept_background_psnr=with_kept["background_psnr"],
+        kept_margin=kept.record["background_margin"],
         **measures,
     )
     return numbers, result.image, kept.image
@@ -1420,10 +1423,11 @@ def photo_move_section(result: PhotoMoveResult, figure: str | None) -> list[str]
         "cup's and saucer's glaze and not the wooden table; its centroid is taken inside the "
         "same old-and-new area, in the photo and in the output. The model re-synthesises "
         "every pixel, so the background drifts (the ceiling row is what the resizing alone "
-        "costs); `keep_background=True` puts the photo's own pixels back outside the edit's "
-        "region grown by one latent cell and feathered over one more (the same edit, from "
-        "`result.with_background_kept()`, no second sampling), so only that seam band reaches "
-        "into the measured background.",
+        "costs); `keep_background=True` puts the photo's own pixels back beyond "
+        f"{'a margin' if result.kept_margin is None else f'{result.kept_margin} px'} of the "
+        "object's old and new places (the default margin: one feature cell of the working "
+        "image, the outer half a feathered seam; the same edit, from "
+        "`result.with_background_kept()`, no second sampling).",
         "",
     ]
     if figure:

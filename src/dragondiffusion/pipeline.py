@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
-from .composite import keep_background
+from .composite import default_margin, keep_background, margin_given
 from .ddim import DDIMTimesteps
 from .edit_defaults import (
     DEFAULT_STEPS,
@@ -44,7 +44,7 @@ from .edits import (
     plan_paste,
 )
 from .errors import InputError, SamplingDiverged, require_number, require_point, require_whole
-from .features import FeatureExtractor
+from .features import FeatureExtractor, energy_grid
 from .geometry import Point, Size, scale_point, working_size
 from .image_prompt import ImagePrompt, encoder_folder, load_image_encoder, square, weight_file
 from .inversion import Inversion, ddim_invert
@@ -77,8 +77,14 @@ class EditOptions:
     memory_bank: bool = True
     """False: plain self-attention at every step, the bank unread (an ablation)."""
     keep_background: bool = False
-    """True: the input's own pixels outside the edit's region (see `composite`), so the rest of
-    the image does not pass through the VAE; False: the method's whole re-synthesised image."""
+    """True: the input's own pixels beyond `background_margin` of the edit's region (see
+    `composite`), so the rest of the image does not pass through the VAE; False: the method's
+    whole re-synthesised image."""
+    background_margin: int | None = None
+    """Output pixels around the edit's region that stay the edit's (the outer half a feathered
+    seam) when the background is kept; None: one feature cell of the energies (4 working pixels
+    for 8-pixel latent cells) in output pixels. Wider forgives a mask drawn tighter than the
+    object."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +113,8 @@ class EditOptions:
             if not isinstance(value, bool | np.bool_ | int | np.integer) or value not in (0, 1):
                 raise InputError(f"{name} must be True or False, got {value!r}")
             object.__setattr__(self, name, bool(value))
+        if self.background_margin is not None:
+            object.__setattr__(self, "background_margin", margin_given(self.background_margin))
 
 
 def steps_given(steps: object) -> int:
@@ -137,8 +145,8 @@ class EditResult:
     latent: torch.Tensor
     record: dict
     region: torch.Tensor | None = None
-    """The edit's region on the latent grid (the plan's regional-SDE mask), for
-    `with_background_kept`; None where the edit has none."""
+    """The pixels the edit was asked to change, (1, 1, H, W) bool at the working size (the
+    plan's `region`), for `with_background_kept`; None where the edit has none."""
     original: PIL.Image.Image | None = None
     """The input image, for `with_background_kept`."""
 
@@ -146,18 +154,29 @@ class EditResult:
         """Write the image as PNG with the record as JSON metadata (atomic)."""
         save_png(self.image, path, self.record)
 
-    def with_background_kept(self) -> EditResult:
-        """This edit with the input's own pixels outside its region, as `keep_background=True`
-        makes it, without sampling again (e.g. to show both in a UI)."""
-        if self.record.get("keep_background"):
+    def with_background_kept(self, margin: int | None = None) -> EditResult:
+        """This edit with the input's own pixels beyond `margin` output pixels of its region, as
+        `keep_background=True` makes it, without sampling again (e.g. to show both in a UI).
+
+        margin: None: the edit's own `background_margin` (its record's)."""
+        margin = self.record.get("background_margin") if margin is None else margin_given(margin)
+        if self.record.get("keep_background") and margin == self.record.get("background_margin"):
             return self
+        if self.record.get("keep_background"):
+            raise InputError(
+                "this result already has its background kept (with a margin of "
+                f"{self.record.get('background_margin')} px); keep it with another margin from "
+                "the result of the edit without keep_background"
+            )
         if self.region is None or self.original is None:
             raise InputError(
                 "this result carries no edit region to keep the background around; "
                 "run the edit with keep_background=True instead"
             )
-        image = keep_background(self.image, self.original, self.region)
-        record = {**self.record, "keep_background": True}
+        if margin is None:
+            raise InputError("this result records no background margin; give one (pixels)")
+        image = keep_background(self.image, self.original, self.region, margin)
+        record = {**self.record, "keep_background": True, "background_margin": margin}
         return replace(self, image=image, record=record)
 
 
@@ -579,9 +598,13 @@ class DragonPipeline(StableDiffusionPipeline):
         image = self.decode(z)
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
-        region = None if plan.sde_mask is None else plan.sde_mask.detach().cpu()
+        region = None if plan.region is None else plan.region.detach().cpu()
+        margin = options.background_margin
+        if margin is None:
+            cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
+            margin = default_margin(inversion.working_size, image.size, cell)
         if options.keep_background and region is not None:
-            image = keep_background(image, inversion.images[0], region)
+            image = keep_background(image, inversion.images[0], region, margin)
         record = {
             "dragondiffusion": __version__,
             "edit": plan.edit,
@@ -614,6 +637,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "input_sizes": [list(s) for s in inversion.input_sizes],
             "output_size": list(image.size),
             "keep_background": options.keep_background,
+            "background_margin": margin,
             "feature_blocks": list(self.features_for(plan.edit).blocks),
             "features_read_at": sampler.features_read_at(),
             "device": str(self.device),

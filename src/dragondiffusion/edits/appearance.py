@@ -90,6 +90,7 @@ def plan_appearance(
         feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=base_latent,
+        region=mask.bool(),
         composite_masks=(mask, reference_mask),
         statistics=statistics,
         params={"weights": asdict(w)},

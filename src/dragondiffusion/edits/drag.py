@@ -162,6 +162,7 @@ def plan_drag(
         feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=editable_latent,
+        region=mask.bool(),
         params={
             "cells": [[list(p.handle), list(p.target)] for p in pairs],
             "weights": asdict(w),

@@ -35,6 +35,7 @@ from ..geometry import (
     require_latent_cells,
     require_nonempty,
     require_visible,
+    scaled_mask,
     warp,
 )
 from ..inversion import Inversion
@@ -188,5 +189,6 @@ def plan_move(
         feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=target_latent | object_latent.bool(),
+        region=mask.bool() | scaled_mask(mask, size, src, dst, scale),
         params={"scale": scale, "weights": asdict(w)},
     )

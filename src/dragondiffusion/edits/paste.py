@@ -129,6 +129,7 @@ def plan_paste(
         feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=pasted_latent,
+        region=pasted_full,
         composite_masks=(pasted_full.float(), reference_mask),
         statistics=statistics,
         params={"scale": scale, "weights": asdict(w)},
