@@ -436,6 +436,12 @@ def test_resolution_is_checked_before_the_run_and_has_its_own_docs_section(pipe,
     with pytest.raises(InputError, match=r"^--resolution 100000 px is above"):
         quality.Settings(resolution=100_000).check_model(pipe)
     quality.Settings(resolution=2 * pipe.native_resolution).check_model(pipe)
+    # A --resolution the model works at natively (or rounds to it) writes the native section.
+    native = pipe.native_resolution
+    assert quality.Settings().working_resolution(pipe) is None
+    assert quality.Settings(resolution=native).working_resolution(pipe) is None
+    assert quality.Settings(resolution=native + 1).working_resolution(pipe) is None
+    assert quality.Settings(resolution=2 * native).working_resolution(pipe) == 2 * native
     assert "--resolution" not in quality.Settings().command()
     assert "--seed 0 --resolution 256 " in quality.Settings(resolution=256).command()
     assert quality.docs_section(None) == (

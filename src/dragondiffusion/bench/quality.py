@@ -282,6 +282,16 @@ class Settings:
                 f"{fewer}; give another --fewer-steps or leave fewer-steps out of --ablations"
             )
 
+    def working_resolution(self, pipe: DragonPipeline) -> int | None:
+        """--resolution where the edits work at another size than the model's native one; None
+        where they work at the native size (a --resolution that rounds to it included), so such
+        a run writes the native docs section, whose rows it reproduces."""
+        native = pipe.native_resolution
+        if self.resolution is None:
+            return None
+        same = pipe.working_size((native, native), self.resolution) == (native, native)
+        return None if same else self.resolution
+
     def check_model(self, pipe: DragonPipeline) -> None:
         """Check the steps against the model's per-edit defaults (when --steps is not given),
         and a --set feature_timestep against the model's timesteps."""
@@ -982,12 +992,13 @@ def measured(
     pipe = load(name, settings.device, settings.dtype)
     pipe.set_progress_bar_config(disable=True)
     settings.check_model(pipe)  # fail now, not after loading an earlier run
+    working = settings.working_resolution(pipe)
     stamp = fingerprint(pipe)
     earlier = resumable(saved, pipe, stamp, folder) if saved is not None else None
     variants = settings.variants()
     log(
         f"{settings.n} scene(s) × {len(settings.edits)} edit(s) × {len(variants)} variant(s) at "
-        f"{pipe.native_resolution} px{working_text(settings.resolution)} on {pipe.device}; "
+        f"{pipe.native_resolution} px{working_text(working)} on {pipe.device}; "
         f"writing to {folder}/"
     )
     if earlier is None:
@@ -1014,7 +1025,7 @@ def measured(
     write_text(folder / SUMMARY, summary(done, "complete"))
     log(table(done))
     if docs is not None:
-        key, title = docs_section(settings.model, settings.resolution)
+        key, title = docs_section(settings.model, working)
         write_section(docs, key, title, text)
         log(f"wrote the section '{title}' of {docs}")
     log(f"wrote {folder}/contact_sheet.png, quality.md and {SUMMARY} in {done.seconds:.1f} s")
