@@ -23,5 +23,6 @@ same as the method for a model whose defaults do not blend, e.g. SD 1.5), match_
 do not match), the energies on DragonDiffusion's two decoder blocks (the same as the method for
 an edit whose blocks the model's dragondiffusion.json does not name), fewer DDIM steps; and one
 addition rather than an ablation, keep-background (`EditOptions.keep_background`: the input's own
-pixels outside the edit's region). Where a variant is the same as the method (or another
-variant) for an edit, the run makes that output once and gives both rows its measurements."""
+pixels beyond the default margin around the edit's region). Where a variant is the same as the
+method (or another variant) for an edit, the run makes that output once and gives both rows its
+measurements."""
