@@ -591,16 +591,21 @@ def test_identity_row_has_an_exact_background(cli_run):
 
 
 def test_keep_background_restores_the_background_the_method_blurs(cli_run):
-    """The tiny model's random VAE ruins every pixel; keep-background puts the input back
-    everywhere but near the edit, so its background is much closer to the truth (measured +8.3
-    to +14.6 dB on these 10 cases; the latent masks of move, resize and paste at LATENT_COVER
-    reach up to a cell further than at half cover, which gave +10.3 to +17.0 dB)."""
+    """The tiny model's random VAE ruins every pixel (its background 12.0-17.6 dB on these 10
+    cases); keep-background puts the input back beyond a feature cell of what the edit was asked
+    to change, and the benchmark's background begins a feature cell away, so it is the input's
+    own (∞ in all 10 cases; with the earlier latent-cell region +8.3 to +14.6 dB). A scene whose
+    rendered mask differs by a pixel from the edit's warped one may miss ∞ (63-94 dB in 13 of
+    250 scenes of the embedded model's full run), so 8 of 10 are asked for."""
     summary = json.loads((cli_run[2] / "quality.json").read_text())
     by = {(r["edit"], r["case"], r["variant"]): r for r in summary["results"]}
+    kept = 0
     for (edit, case, variant), row in by.items():
         if variant == "keep-background":
             plain = by[(edit, case, "diffeditor")]["background_psnr"]
-            assert row["background_psnr"] > plain + 6, (edit, case)
+            assert row["background_psnr"] > plain + 30, (edit, case)
+            kept += row["background_psnr"] == math.inf
+    assert kept >= 8
 
 
 def without_timings(rows: list[dict]) -> list[dict]:
