@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from dragondiffusion.cli import main
-from dragondiffusion.composite import background_alpha, default_margin, keep_background
+from dragondiffusion.composite import (
+    background_alpha,
+    chessboard_distance,
+    default_margin,
+    keep_background,
+)
 from dragondiffusion.errors import InputError
 from dragondiffusion.io import read_record
 
@@ -37,6 +42,20 @@ def test_margin_zero_is_the_region_itself_and_other_output_sizes_keep_all_of_it(
     assert big.sum() == 9 and (big[36:39, 60:63] == 1).all()
     small = background_alpha(region, (24, 16), 0)
     assert small.sum() == 1 and small[6, 10] == 1
+
+
+def test_chessboard_distance_is_exact_and_the_margin_costs_nothing_however_wide():
+    rng = np.random.default_rng(3)
+    mask = rng.random((23, 31)) < 0.03
+    ys, xs = np.nonzero(mask)
+    brute = np.array(
+        [[np.maximum(abs(ys - y), abs(xs - x)).min() for x in range(31)] for y in range(23)]
+    )
+    assert np.array_equal(chessboard_distance(mask), brute)
+    assert np.isinf(chessboard_distance(np.zeros((4, 5), bool))).all()
+    # One pass over the pixels whatever the margin: a huge one keeps nothing of the input here.
+    alpha = background_alpha(one_pixel_region(), (48, 32), 10**9)
+    assert (alpha == 1).all()
 
 
 def test_outside_pixels_are_the_inputs_exactly():
@@ -99,7 +118,7 @@ def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inv
         bare.with_background_kept()
 
 
-def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle):
+def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle, capsys):
     img, mask = scene
     PIL.Image.fromarray(img).save(tmp_path / "in.png")
     PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
@@ -115,5 +134,10 @@ def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle):
     assert read_record(out)["background_margin"] == 9
     without = [a for a in args if a != "--keep-background"]
     assert main([*without, "--background-margin", "9"]) == 2
+    assert "add --keep-background" in capsys.readouterr().err
+    # Refused before the model loads (a model that does not exist is never looked at).
+    unloadable = [a if a != str(tiny_bundle) else str(tmp_path / "no-model") for a in args]
+    assert main([*unloadable, "--background-margin", "-1"]) == 2
+    assert "--background-margin must be a whole number of pixels ≥ 0" in capsys.readouterr().err
     with PIL.Image.open(out) as im:
         assert np.array_equal(np.asarray(im.convert("RGB"))[:, 140:], img[:, 140:])

@@ -75,6 +75,18 @@ def test_drag_points_outside_the_editable_region_are_refused(inversion):
         plan_drag(inversion, region, [((10, 10), (40, 40))])
 
 
+def test_each_plan_names_the_pixels_it_may_change(inversion):
+    """The region keep_background keeps the input around: a drag's also holds its handle and
+    target patches (3×3 cells of 4 px), since a point may lie a cell outside the mask."""
+    region = box(SIZE, 32, 32, 96, 64)
+    plan = plan_drag(inversion, region, [((40, 40), (99, 67))])  # target cell (24, 16)
+    assert plan.region.dtype == torch.bool and plan.region.shape == (1, 1, 128, 192)
+    assert plan.region[0, 0, 32:64, 32:96].all()  # the editable region
+    assert plan.region[0, 0, 60:72, 92:104].all()  # the target's patch, cells 23-25 × 15-17
+    assert plan.region[0, 0, 72:, :].sum() == 0 and plan.region[0, 0, :, 104:].sum() == 0
+    assert plan.region.sum() == 64 * 32 + 12 * 12 - 4 * 4  # the patch overlaps the box by 4×4
+
+
 def test_paste_is_clipped_not_wrapped_and_copies_reference_noise(pipe, scene):
     img, _mask = scene
     inv = pipe.invert(img, "a scene", 4, reference=img[:, ::-1].copy())

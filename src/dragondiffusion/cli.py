@@ -270,6 +270,11 @@ def margin_of(args: argparse.Namespace) -> int:
             "--background-margin is the margin of a kept background; add --keep-background "
             "or leave the margin out"
         )
+    if args.background_margin < 0:
+        raise InputError(
+            f"--background-margin must be a whole number of pixels ≥ 0, got "
+            f"{args.background_margin} (0: the edited region exactly, no seam)"
+        )
     return args.background_margin
 
 
@@ -320,12 +325,12 @@ def run_edit(args: argparse.Namespace) -> None:
     for option, value in (("--image-encoder", args.image_encoder), ("--ip-scale", args.ip_scale)):
         if value is not None and not args.ip_adapter:
             raise InputError(f"{option} is for the image prompt; give --ip-adapter as well")
+    common = {"prompt": args.prompt, **edit_options(args)}  # its own checks before the load
     read_inputs(args)
     pipe = load(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.ip_adapter:
         pipe.load_image_prompt(args.ip_adapter, image_encoder=args.image_encoder)
-    common = {"prompt": args.prompt, **edit_options(args)}
     if args.command == "move":
         result = pipe.move(
             args.image,

@@ -22,6 +22,26 @@ import torch.nn.functional as F
 from .errors import InputError, require_whole
 
 
+def chessboard_distance(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float64: every pixel's distance to the nearest True pixel of `mask` in a square
+    neighbourhood (max(|dx|, |dy|); inf where `mask` has none). Two raster passes with unit
+    steps to all eight neighbours, exact for this distance, whatever its size."""
+    h, w = mask.shape
+    d = np.where(mask, 0.0, np.inf)
+    steps = np.arange(w, dtype=np.float64)
+    for rows, step in ((range(h), -1), (range(h - 1, -1, -1), 1)):
+        for y in rows:
+            if 0 <= y + step < h:  # the row already passed: straight above / below or diagonal
+                near = d[y + step]
+                near = np.minimum(
+                    near, np.minimum(np.r_[np.inf, near[:-1]], np.r_[near[1:], np.inf])
+                )
+                np.minimum(d[y], near + 1, out=d[y])
+            row = d[y] if step < 0 else d[y, ::-1]  # along the row, in the pass's direction
+            row[:] = np.minimum.accumulate(row - steps) + steps
+    return d
+
+
 def background_alpha(region: torch.Tensor, size: tuple[int, int], margin: int) -> np.ndarray:
     """(H, W) float32 weight of the edited image at output `size` (W, H): 1 on `region` and up
     to margin // 2 pixels from it, falling linearly over the rest of the margin, 0 on every
@@ -30,17 +50,13 @@ def background_alpha(region: torch.Tensor, size: tuple[int, int], margin: int) -
     region: (1, 1, h, w) bool at the working size; an output pixel belongs to it when its area
     overlaps the region (so a different output size never shrinks it)."""
     width, height = size
-    grown = F.adaptive_max_pool2d(region.float().cpu(), (height, width))
+    inside = F.adaptive_max_pool2d(region.float().cpu(), (height, width))[0, 0].numpy() > 0
     inner = margin // 2
-    grown = F.max_pool2d(grown, 2 * inner + 1, stride=1, padding=inner) if inner else grown
     # At distance d beyond `inner` the weight is the share of the dilations by inner … margin
-    # that reach the pixel: (margin − d + 1) / (margin − inner + 1).
-    total = grown.clone()
-    for _ in range(margin - inner):
-        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
-        total += grown
-    alpha = total / (margin - inner + 1)
-    return alpha[0, 0].numpy().astype(np.float32)
+    # that reach the pixel.
+    d = np.maximum(chessboard_distance(inside), inner)
+    alpha = np.clip((margin - d + 1) / (margin - inner + 1), 0.0, 1.0)
+    return alpha.astype(np.float32)
 
 
 def default_margin(working: tuple[int, int], output: tuple[int, int], cell: float) -> int:

@@ -84,7 +84,8 @@ class EditOptions:
     """Output pixels around the edit's region that stay the edit's (the outer half a feathered
     seam) when the background is kept; None: one feature cell of the energies (4 working pixels
     for 8-pixel latent cells) in output pixels. Wider forgives a mask drawn tighter than the
-    object."""
+    object. The record's `background_margin` is the one used, or without keep_background the
+    one `EditResult.with_background_kept()` would use."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -285,7 +285,8 @@ class Settings:
     def working_resolution(self, pipe: DragonPipeline) -> int | None:
         """--resolution where the edits work at another size than the model's native one; None
         where they work at the native size (a --resolution that rounds to it included), so such
-        a run writes the native docs section, whose rows it reproduces."""
+        a run writes the native docs section, whose rows it reproduces (the scenes are square,
+        at the native resolution)."""
         native = pipe.native_resolution
         if self.resolution is None:
             return None

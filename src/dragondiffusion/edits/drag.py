@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import BankMode
 from ..energy import contrast_energy, inverse_energy, local_similarity
@@ -80,6 +81,16 @@ def drag_pair(handle: Point, target: Point, size, grid: tuple[int, int], device)
         target_patch,
         target_patch & on_grid,
     )
+
+
+def on_pixels(pairs: list[DragPair], hw: tuple[int, int]) -> torch.Tensor:
+    """The pairs' handle and target patches (energy grid) as a (1, 1, H, W) bool mask at the
+    working size: the points may lie up to a cell outside the editable region, and what is
+    dragged lands on the target patch, so a kept background must not cover them."""
+    cells = torch.zeros_like(pairs[0].handle_patch)
+    for p in pairs:
+        cells = cells | p.handle_patch | p.target_patch
+    return F.interpolate(cells.float(), size=tuple(hw), mode="nearest") > 0.5
 
 
 def require_points_inside(pairs: list[DragPair], editable: torch.Tensor) -> None:
@@ -162,7 +173,7 @@ def plan_drag(
         feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=editable_latent,
-        region=mask.bool(),
+        region=mask.bool() | on_pixels(pairs, mask.shape[-2:]),
         params={
             "cells": [[list(p.handle), list(p.target)] for p in pairs],
             "weights": asdict(w),
