@@ -595,7 +595,7 @@ def test_keep_background_restores_the_background_the_method_blurs(cli_run):
     cases); keep-background puts the input back beyond a feature cell of what the edit was asked
     to change, and the benchmark's background begins a feature cell away, so it is the input's
     own (∞ in all 10 cases; with the earlier latent-cell region +8.3 to +14.6 dB). A scene whose
-    rendered mask differs by a pixel from the edit's warped one may miss ∞ (63-94 dB in 13 of
+    rendered mask differs by a pixel from the edit's warped one may miss ∞ (63-95 dB in 22 of
     250 scenes of the embedded model's full run), so 8 of 10 are asked for."""
     summary = json.loads((cli_run[2] / "quality.json").read_text())
     by = {(r["edit"], r["case"], r["variant"]): r for r in summary["results"]}
