@@ -42,6 +42,9 @@ def test_margin_zero_is_the_region_itself_and_other_output_sizes_keep_all_of_it(
     assert big.sum() == 9 and (big[36:39, 60:63] == 1).all()
     small = background_alpha(region, (24, 16), 0)
     assert small.sum() == 1 and small[6, 10] == 1
+    # At ratios that are not whole numbers every output pixel overlapping the region's pixel.
+    odd = background_alpha(region, (60, 40), 0)  # 1.25×: the pixel spans 15.0-16.25 and 25-26.25
+    assert odd.sum() == 4 and (odd[15:17, 25:27] == 1).all()
 
 
 def test_chessboard_distance_is_exact_and_the_margin_costs_nothing_however_wide():

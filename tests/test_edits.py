@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dragondiffusion.attention import BankMode
+from dragondiffusion.edits.appearance import plan_appearance
 from dragondiffusion.edits.drag import drag_pair, plan_drag
 from dragondiffusion.edits.paste import PasteWeights, plan_paste
 from dragondiffusion.errors import InputError
@@ -99,6 +100,17 @@ def test_paste_is_clipped_not_wrapped_and_copies_reference_noise(pipe, scene):
     assert torch.equal(plan.z_init[0, :, :5], z_T[0, :, :5])
     with pytest.raises(InputError, match="outside the image"):
         plan_paste(inv, ref_mask, (180, 0))
+
+
+def test_appearance_and_paste_name_the_object_and_the_pasted_object_in_pixels(pipe, scene):
+    img, _mask = scene
+    inv = pipe.invert(img, "a scene", 2, reference=img[:, ::-1].copy())
+    mask, ref_mask = box(SIZE, 24, 40, 56, 72), box(SIZE, 100, 20, 140, 60)
+    plan = plan_appearance(inv, mask, ref_mask)
+    assert torch.equal(plan.region, mask.bool())
+    pasted = plan_paste(inv, ref_mask, (-50, 30), 0.5).region  # 40 px → 20 px about its centre
+    assert pasted.dtype == torch.bool and pasted.shape == (1, 1, 128, 192)
+    assert pasted.sum() == 20 * 20 and pasted[0, 0, 60:80, 60:80].all()
 
 
 @pytest.mark.parametrize(("scale", "side"), [(0.5, 2), (1.0, 4), (1.25, 6)])
