@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .composite import margin_given
 from .errors import InputError
 
 STEPS_HELP = "DDIM steps (default: the model's own for each edit, else 50)"
@@ -270,12 +271,7 @@ def margin_of(args: argparse.Namespace) -> int:
             "--background-margin is the margin of a kept background; add --keep-background "
             "or leave the margin out"
         )
-    if args.background_margin < 0:
-        raise InputError(
-            f"--background-margin must be a whole number of pixels ≥ 0, got "
-            f"{args.background_margin} (0: the edited region exactly, no seam)"
-        )
-    return args.background_margin
+    return margin_given(args.background_margin, "--background-margin")
 
 
 def edit_options(args: argparse.Namespace) -> dict:

@@ -66,12 +66,13 @@ def default_margin(working: tuple[int, int], output: tuple[int, int], cell: floa
     return max(1, round(cell * stretch))
 
 
-def margin_given(margin: object) -> int:
-    """A background margin given by the user: a whole number of pixels ≥ 0, else InputError."""
-    value = require_whole("background_margin", margin)
+def margin_given(margin: object, name: str = "background_margin") -> int:
+    """A background margin given by the user: a whole number of pixels ≥ 0, else InputError
+    naming it `name` (the option as the user wrote it)."""
+    value = require_whole(name, margin)
     if value < 0:
         raise InputError(
-            f"background_margin must be a whole number of pixels ≥ 0, got {margin!r} "
+            f"{name} must be a whole number of pixels ≥ 0, got {margin!r} "
             "(0: the edit's region exactly, no seam)"
         )
     return value

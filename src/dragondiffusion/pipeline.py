@@ -160,14 +160,14 @@ class EditResult:
         `keep_background=True` makes it, without sampling again (e.g. to show both in a UI).
 
         margin: None: the edit's own `background_margin` (its record's)."""
-        margin = self.record.get("background_margin") if margin is None else margin_given(margin)
-        if self.record.get("keep_background") and margin == self.record.get("background_margin"):
-            return self
+        recorded = self.record.get("background_margin")
+        margin = recorded if margin is None else margin_given(margin)
         if self.record.get("keep_background"):
+            if margin == recorded:
+                return self
             raise InputError(
-                "this result already has its background kept (with a margin of "
-                f"{self.record.get('background_margin')} px); keep it with another margin from "
-                "the result of the edit without keep_background"
+                f"this result already has its background kept (with a margin of {recorded} px); "
+                "keep it with another margin from the result of the edit without keep_background"
             )
         if self.region is None or self.original is None:
             raise InputError(

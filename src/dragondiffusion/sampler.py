@@ -197,8 +197,7 @@ class EditPlan:
     region: torch.Tensor | None = None
     """(1, 1, H, W) bool at the working size: the pixels the edit is asked to change (the
     object's old and new places, the object, the editable region and the points' patches, the
-    pasted object), which
-    `keep_background` keeps the input's pixels around (`composite`)."""
+    pasted object), around which `keep_background` keeps the input's pixels (`composite`)."""
     composite_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     params: dict = field(default_factory=dict)
     blend_background: float = 0.0
