@@ -78,11 +78,11 @@ def test_default_margin_is_one_feature_cell_in_output_pixels():
     assert default_margin((128, 128), (32, 32), 4.0) == 1  # never below one pixel
 
 
-def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inversion):
+def test_edit_keeps_the_background_by_default_changing_only_near_the_object(pipe, scene, inversion):
     img, mask = scene
     kw = dict(prompt="a red square", num_inference_steps=10, seed=7)
-    plain = pipe.move(inversion, mask, (35, 45), (100, 45), **kw)
-    kept = pipe.move(inversion, mask, (35, 45), (100, 45), keep_background=True, **kw)
+    plain = pipe.move(inversion, mask, (35, 45), (100, 45), keep_background=False, **kw)
+    kept = pipe.move(inversion, mask, (35, 45), (100, 45), **kw)
     assert kept.record["keep_background"] and not plain.record["keep_background"]
     out, full = np.asarray(kept.image), np.asarray(plain.image)
     # Far from the old (x 20-50) and new (x 85-115; its latent cells reach ~120) places the
@@ -97,6 +97,11 @@ def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inv
     assert np.array_equal(np.asarray(later.image), out) and later.record["keep_background"]
     assert np.array_equal(np.asarray(plain.image), full) and not plain.record["keep_background"]
     assert kept.with_background_kept() is kept
+    # Both ways round, without sampling again: the kept result holds the whole image.
+    assert np.array_equal(np.asarray(kept.resynthesised), full)
+    unkept = kept.without_background_kept()
+    assert np.array_equal(np.asarray(unkept.image), full) and not unkept.record["keep_background"]
+    assert plain.without_background_kept() is plain
     # Every pixel beyond the margin around the object's old and new places is the input's; the
     # margin is one feature cell of the working image, in output pixels.
     margin = kept.record["background_margin"]
@@ -106,22 +111,30 @@ def test_edit_with_keep_background_changes_only_near_the_object(pipe, scene, inv
     alpha = background_alpha(kept.region, kept.image.size, margin)
     assert np.array_equal(out[alpha == 0], img[alpha == 0]) and (alpha == 0).mean() > 0.5
     assert kept.region.shape[-2:] == (working[1], working[0])
-    # Another margin from the plain result; not from one already kept with its own.
+    # Another margin from the plain result, or from the kept one (its whole image, not its
+    # composite: the same pixels either way).
     wider = plain.with_background_kept(margin=margin + 8)
     assert wider.record["background_margin"] == margin + 8
     wide = background_alpha(kept.region, kept.image.size, margin + 8)
     assert (wide > 0).sum() > (alpha > 0).sum()
     assert not np.array_equal(np.asarray(wider.image), out)
-    with pytest.raises(InputError, match="already has its background kept"):
-        kept.with_background_kept(margin=margin + 8)
+    rekept = kept.with_background_kept(margin=margin + 8)
+    assert np.array_equal(np.asarray(rekept.image), np.asarray(wider.image))
+    assert rekept.record["background_margin"] == margin + 8
     with pytest.raises(InputError, match="background_margin must be a whole number"):
         plain.with_background_kept(margin=-2)
     bare = type(plain)(plain.image, plain.latent, dict(plain.record))
     with pytest.raises(InputError, match="no edit region"):
         bare.with_background_kept()
+    # A kept result without its whole image (made by hand) can neither re-keep nor un-keep.
+    partial = type(kept)(kept.image, kept.latent, dict(kept.record), kept.region, kept.original)
+    with pytest.raises(InputError, match="no edit region and re-synthesised image"):
+        partial.with_background_kept(margin=margin + 8)
+    with pytest.raises(InputError, match="does not hold its re-synthesised image"):
+        partial.without_background_kept()
 
 
-def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle, capsys):
+def test_cli_keeps_the_background_unless_told_not_to(tmp_path, scene, tiny_bundle, capsys):
     img, mask = scene
     PIL.Image.fromarray(img).save(tmp_path / "in.png")
     PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
@@ -129,15 +142,23 @@ def test_cli_keep_background_flag(tmp_path, scene, tiny_bundle, capsys):
     args = [
         "move", "--model", str(tiny_bundle), "--image", str(tmp_path / "in.png"),
         "--mask", str(tmp_path / "mask.png"), "--from", "35,45", "--to", "100,50",
-        "--steps", "4", "--device", "cpu", "--quiet", "--keep-background", "--out", str(out),
+        "--steps", "4", "--device", "cpu", "--quiet", "--out", str(out),
     ]  # fmt: skip
     assert main(args) == 0
     assert read_record(out)["keep_background"] is True
+    with PIL.Image.open(out) as im:
+        default = np.asarray(im.convert("RGB")).copy()
+    assert main([*args, "--keep-background"]) == 0  # the same, said
+    with PIL.Image.open(out) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), default)
+    assert main([*args, "--no-keep-background"]) == 0
+    assert read_record(out)["keep_background"] is False
+    with PIL.Image.open(out) as im:
+        assert not np.array_equal(np.asarray(im.convert("RGB"))[:, 140:], img[:, 140:])
     assert main([*args, "--background-margin", "9"]) == 0
     assert read_record(out)["background_margin"] == 9
-    without = [a for a in args if a != "--keep-background"]
-    assert main([*without, "--background-margin", "9"]) == 2
-    assert "add --keep-background" in capsys.readouterr().err
+    assert main([*args, "--no-keep-background", "--background-margin", "9"]) == 2
+    assert "leave out --no-keep-background or the margin" in capsys.readouterr().err
     # Refused before the model loads (a model that does not exist is never looked at).
     unloadable = [a if a != str(tiny_bundle) else str(tmp_path / "no-model") for a in args]
     assert main([*unloadable, "--background-margin", "-1"]) == 2

@@ -436,14 +436,16 @@ def test_photo_move_section_reports_the_numbers():
     assert text.startswith("## Moving an object in a held-out photo")
     assert "(600×400, never seen in training)" in text and "384×256" in text
     assert "| object shift asked, x / y | +80.0 px / +0.0 px |" in text
-    assert "| object shift measured (centroid of the cup's red glaze), x / y | not found" in text
+    assert (
+        "| `keep_background=False`: object shift measured (centroid of the cup's red glaze), "
+        "x / y | not found" in text
+    )
     assert "| 0 / 56885 (0%) |" in text and "21.0 dB" in text and "29.8 dB" in text
     assert "(41% of the photo's area; sides are multiples of the model's size multiple)" in text
-    assert (
-        "| with `keep_background=True`: object shift measured, x / y | +78.0 px / -1.0 px |" in text
-    )
-    assert "| with `keep_background=True`: background PSNR | 47.3 dB |" in text
-    assert "pixels back beyond 12 px of the object's old and new places" in text
+    kept = "| background kept (the default): "
+    assert f"{kept}object shift measured, x / y | +78.0 px / -1.0 px |" in text
+    assert f"{kept}background PSNR | 47.3 dB |" in text
+    assert "pixels are put back beyond 12 px of the object's old and new places" in text
     result.kept_background_psnr = math.nan  # a result made before keep_background was measured
     assert "background PSNR | n/a |" in "\n".join(photo_move_section(result, None))
     assert "![photo-move](images/demo-model-photo-move.png)" in text

@@ -76,14 +76,15 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep-background",
-        action="store_true",
-        help="keep the input's own pixels beyond a margin around the edited region",
+        action=argparse.BooleanOptionalAction,
+        help="keep the input's own pixels beyond a margin around the edited region (the "
+        "default); --no-keep-background: the model's whole re-synthesised image",
     )
     p.add_argument(
         "--background-margin",
         type=int,
         metavar="PX",
-        help="with --keep-background: output pixels around the edited region that stay the "
+        help="output pixels around the edited region that stay the "
         "edit's, the outer half a feathered seam (default: one feature cell, 4 working px); "
         "widen it when the mask is tighter than the object",
     )
@@ -265,11 +266,11 @@ def check_writable(path: Path, out: str) -> None:
 
 
 def margin_of(args: argparse.Namespace) -> int:
-    """--background-margin, which only means something with --keep-background."""
-    if not args.keep_background:
+    """--background-margin, which only means something with a kept background."""
+    if args.keep_background is False:
         raise InputError(
-            "--background-margin is the margin of a kept background; add --keep-background "
-            "or leave the margin out"
+            "--background-margin is the margin of a kept background; leave out "
+            "--no-keep-background or the margin"
         )
     return margin_given(args.background_margin, "--background-margin")
 
@@ -284,7 +285,7 @@ def edit_options(args: argparse.Namespace) -> dict:
         "output_size": args.output_size,
         "sde_strength": args.sde_strength,
         "sde_strength_outside": args.sde_strength_outside,
-        "keep_background": args.keep_background,
+        **({} if args.keep_background is None else {"keep_background": args.keep_background}),
         **({} if args.background_margin is None else {"background_margin": margin_of(args)}),
         **({} if args.ip_scale is None else {"ip_scale": args.ip_scale}),
     }

@@ -1,16 +1,16 @@
 """Keeping the background: paste the input back outside the pixels an edit changes.
 
-The method re-synthesises the whole image, so even pixels far from the edit pass through the VAE
-and drift (a small model blurs them; SD 1.5 loses fine texture). With `keep_background` the output
-is the input wherever the edit had no business changing it: beyond a margin around the edit's
-region in pixels (`EditPlan.region`: the object's old and new places for move and resize, the
-object for appearance, the editable region and the points' patches for drag, the pasted object
-for paste). The first half of the margin is the edit's own, the second half a linear seam, and
-every pixel farther than the margin is the input's own, exactly. The default margin is one
-feature cell of the energies (4 working pixels for SD's 8-pixel latent cells), the precision the
-edit places things with; a mask drawn tighter than the object's edge needs a wider one (its rim
-would stay where it was). Effects the model adds beyond the margin (a shadow cast by a moved
-object) are lost; that is the trade.
+The method re-synthesises the whole image, so even pixels far from the edit pass through the VAE and
+drift (a small model blurs them; SD 1.5 loses fine texture). With `keep_background` (the default)
+the output is the input wherever the edit had no business changing it: beyond a margin around the
+edit's region in pixels (`EditPlan.region`: the object's old and new places for move and resize, the
+object for appearance, the editable region and the points' patches for drag, the pasted object for
+paste). The first half of the margin is the edit's own, the second half a linear seam, and every
+pixel farther than the margin is the input's own, exactly. The default margin is one feature cell of
+the energies (4 working pixels for SD's 8-pixel latent cells), the precision the edit places things
+with; a mask drawn tighter than the object's edge needs a wider one (its rim would stay where it
+was). Effects the model adds beyond the margin (a shadow cast by a moved object) are lost; that is
+the trade.
 """
 
 from __future__ import annotations

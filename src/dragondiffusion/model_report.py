@@ -23,7 +23,8 @@
   read at another level than a move: `decoder_features`' `read_at`).
 - An object moved in a held-out photo at the photo's own size (`photo_move`): the background
   PSNR outside the object's old and new places, and the shift of the object's colour centroid
-  against the shift asked for; the same with `keep_background`.
+  against the shift asked for, with the model's whole re-synthesised image
+  (`keep_background=False`) and with the photo's own background kept (the default).
 """
 
 from __future__ import annotations
@@ -703,8 +704,9 @@ def photo_move(
 ) -> tuple[PhotoMoveResult, PIL.Image.Image, PIL.Image.Image]:
     """Move the task's object in the photo with `pipe.move` (DiffEditor mode, output at the
     photo's own size, working size from `resolution`, None: the photo's own area) and measure
-    it, also with the background kept (`with_background_kept`, no second sampling); returns the
-    numbers, the edited photo and the edited photo with its background kept."""
+    the model's whole re-synthesised image (`keep_background=False`) and the same edit with the
+    background kept (`with_background_kept`, no second sampling); returns the numbers, the
+    re-synthesised photo and the photo with its background kept."""
     photo = photo.convert("RGB")
     resolution = check_move(pipe, {task.photo: photo}, task, resolution)
     mask = polygon_mask(photo.size, task.polygon)
@@ -721,6 +723,7 @@ def photo_move(
         seed=seed,
         resolution=resolution,
         output_size="input",
+        keep_background=False,
     )
     before, after = as_array(photo), as_array(result.image)
     working = tuple(result.record["working_size"])
@@ -760,10 +763,10 @@ def photo_move_figure(
     target = (source[0] + task.shift[0], source[1] + task.shift[1])
     dx, dy = task.shift
     row = [annotate(photo, cell, [mask], [(source, target)]), output]
-    headers = [f"input: object, move {dx:+.0f}, {dy:+.0f} px", "output, at the photo's own size"]
+    headers = [f"input: object, move {dx:+.0f}, {dy:+.0f} px", "output, keep_background=False"]
     if kept is not None:
         row.append(kept)
-        headers.append("output, keep_background=True")
+        headers.append("output (background kept: the default)")
     return contact_sheet(
         [row],
         [task.photo],
@@ -1407,23 +1410,24 @@ def photo_move_section(result: PhotoMoveResult, figure: str | None) -> list[str]
         "| measurement | result |",
         "|---|---|",
         f"| object shift asked, x / y | {_px(dx)} / {_px(dy)} |",
-        f"| object shift measured (centroid of the cup's red glaze), x / y | "
-        f"{_px(mx)} / {_px(my)} |",
-        f"| red-glaze pixels, output / input | {after} / {before} ({kept}) |",
-        f"| background PSNR against the photo ({result.background_share:.0%} of it) | "
-        f"{_db(result.background_psnr)} |",
-        f"| same for the photo only resized to {ww}×{wh} and back (the ceiling) | "
+        f"| `keep_background=False`: object shift measured (centroid of the cup's red glaze), "
+        f"x / y | {_px(mx)} / {_px(my)} |",
+        f"| `keep_background=False`: red-glaze pixels, output / input | {after} / {before} "
+        f"({kept}) |",
+        f"| `keep_background=False`: background PSNR against the photo "
+        f"({result.background_share:.0%} of it) | {_db(result.background_psnr)} |",
+        f"| the photo only resized to {ww}×{wh} and back (the ceiling of the above) | "
         f"{_db(result.resampling_psnr)} |",
-        f"| with `keep_background=True`: object shift measured, x / y | {_px(kx)} / {_px(ky)} |",
-        f"| with `keep_background=True`: background PSNR | {_db(result.kept_background_psnr)} |",
+        f"| background kept (the default): object shift measured, x / y | {_px(kx)} / {_px(ky)} |",
+        f"| background kept (the default): background PSNR | {_db(result.kept_background_psnr)} |",
         "",
         "The background is every pixel more than "
         f"{result.margin} px away from the object's old and new places (their edges blend). "
         "The object's colour is a fixed rule (green < 0.3 × red, red > 40) that picks the "
         "cup's and saucer's glaze and not the wooden table; its centroid is taken inside the "
         "same old-and-new area, in the photo and in the output. The model re-synthesises "
-        "every pixel, so the background drifts (the ceiling row is what the resizing alone "
-        "costs); `keep_background=True` puts the photo's own pixels back beyond "
+        "every pixel, so its background drifts (the ceiling row is what the resizing alone "
+        "costs); by default (`keep_background=True`) the photo's own pixels are put back beyond "
         f"{'a margin' if result.kept_margin is None else f'{result.kept_margin} px'} of the "
         "object's old and new places (the default margin: one feature cell of the working "
         "image, the outer half a feathered seam; the same edit, from "

@@ -62,7 +62,8 @@ SD15_DDIM = {
 
 @dataclass(frozen=True)
 class EditOptions:
-    """Settings every edit shares (defaults: upstream's demo, DiffEditor sampler, 50 steps)."""
+    """Settings every edit shares (defaults: upstream's demo, DiffEditor sampler, 50 steps; not
+    in upstream: the kept background)."""
 
     num_inference_steps: int | None = None
     """DDIM steps; None: those of a given Inversion, else the model's default for the edit
@@ -76,10 +77,12 @@ class EditOptions:
     ip_scale: float = 0.1
     memory_bank: bool = True
     """False: plain self-attention at every step, the bank unread (an ablation)."""
-    keep_background: bool = False
-    """True: the input's own pixels beyond `background_margin` of the edit's region (see
-    `composite`), so the rest of the image does not pass through the VAE; False: the method's
-    whole re-synthesised image."""
+    keep_background: bool = True
+    """True (the default): the input's own pixels beyond `background_margin` of the edit's
+    region (see `composite`), so the rest of the image does not pass through the VAE and drift;
+    False: the method's whole re-synthesised image (what the model adds beyond the margin, such
+    as a moved object's shadow, stays). Either way the result holds both
+    (`EditResult.with_background_kept`, `without_background_kept`)."""
     background_margin: int | None = None
     """Output pixels around the edit's region that stay the edit's (the outer half a feathered
     seam) when the background is kept; None: one feature cell of the energies (4 working pixels
@@ -150,6 +153,9 @@ class EditResult:
     plan's `region`), for `with_background_kept`; None where the edit has none."""
     original: PIL.Image.Image | None = None
     """The input image, for `with_background_kept`."""
+    resynthesised: PIL.Image.Image | None = None
+    """The method's whole re-synthesised image, before any background was kept (the same as
+    `image` without keep_background); None: not known."""
 
     def save(self, path) -> None:
         """Write the image as PNG with the record as JSON metadata (atomic)."""
@@ -157,28 +163,43 @@ class EditResult:
 
     def with_background_kept(self, margin: int | None = None) -> EditResult:
         """This edit with the input's own pixels beyond `margin` output pixels of its region, as
-        `keep_background=True` makes it, without sampling again (e.g. to show both in a UI).
+        `keep_background=True` makes it, without sampling again (e.g. to show a UI's choice of
+        margin, or both images).
 
         margin: None: the edit's own `background_margin` (its record's)."""
         recorded = self.record.get("background_margin")
         margin = recorded if margin is None else margin_given(margin)
-        if self.record.get("keep_background"):
-            if margin == recorded:
-                return self
+        if self.record.get("keep_background") and margin == recorded:
+            return self
+        if self.region is None or self.original is None or self.whole is None:
             raise InputError(
-                f"this result already has its background kept (with a margin of {recorded} px); "
-                "keep it with another margin from the result of the edit without keep_background"
-            )
-        if self.region is None or self.original is None:
-            raise InputError(
-                "this result carries no edit region to keep the background around; "
-                "run the edit with keep_background=True instead"
+                "this result carries no edit region and re-synthesised image to keep the "
+                "background with; run the edit with keep_background=True instead"
             )
         if margin is None:
             raise InputError("this result records no background margin; give one (pixels)")
-        image = keep_background(self.image, self.original, self.region, margin)
+        image = keep_background(self.whole, self.original, self.region, margin)
         record = {**self.record, "keep_background": True, "background_margin": margin}
         return replace(self, image=image, record=record)
+
+    def without_background_kept(self) -> EditResult:
+        """This edit as `keep_background=False` makes it, the method's whole re-synthesised
+        image, without sampling again."""
+        if not self.record.get("keep_background"):
+            return self
+        if self.whole is None:
+            raise InputError(
+                "this result does not hold its re-synthesised image; "
+                "run the edit with keep_background=False instead"
+            )
+        return replace(self, image=self.whole, record={**self.record, "keep_background": False})
+
+    @property
+    def whole(self) -> PIL.Image.Image | None:
+        """The re-synthesised image: `resynthesised`, or `image` where no background is kept."""
+        if self.resynthesised is not None or self.record.get("keep_background"):
+            return self.resynthesised
+        return self.image
 
 
 class DragonPipeline(StableDiffusionPipeline):
@@ -604,6 +625,7 @@ class DragonPipeline(StableDiffusionPipeline):
         if margin is None:
             cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
             margin = default_margin(inversion.working_size, image.size, cell)
+        whole = image
         if options.keep_background and region is not None:
             image = keep_background(image, inversion.images[0], region, margin)
         record = {
@@ -648,7 +670,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "seconds": round(time.perf_counter() - started, 3),
             **plan.params,
         }
-        return EditResult(image, z, record, region, inversion.images[0])
+        return EditResult(image, z, record, region, inversion.images[0], whole)
 
     def to_working(self, inversion: Inversion, point: Point, what: str) -> Point:
         """A point in input-image pixels → working-image pixels; must lie in the image."""

@@ -15,14 +15,15 @@ ABLATIONS = (
     "no-match",
     "two-blocks",
     "fewer-steps",
-    "keep-background",
+    "no-keep-background",
 )
 """Variants of the method: memory bank off, w_content = 0, w_edit = 0, blend_background = 0 (the
 same as the method for a model whose defaults do not blend, e.g. SD 1.5), match_statistics = 0
-(appearance and paste; the same as the method for the other edits, and for a model whose defaults
-do not match), the energies on DragonDiffusion's two decoder blocks (the same as the method for
-an edit whose blocks the model's dragondiffusion.json does not name), fewer DDIM steps; and one
-addition rather than an ablation, keep-background (`EditOptions.keep_background`: the input's own
-pixels beyond the default margin around the edit's region). Where a variant is the same as the
-method (or another variant) for an edit, the run makes that output once and gives both rows its
-measurements."""
+(appearance and paste; the same as the method for the other edits, and for a model whose defaults do
+not match), the energies on DragonDiffusion's two decoder blocks (the same as the method for an edit
+whose blocks the model's dragondiffusion.json does not name), fewer DDIM steps, and the kept
+background off (`EditOptions.keep_background` False: the model's whole re-synthesised image instead
+of the input's own pixels beyond the default margin around the edit's region; the same edit, so the
+run composites or un-composites one output instead of sampling twice). Where a variant is the same
+as the method (or another variant) for an edit, the run makes that output once and gives both rows
+its measurements."""

@@ -114,7 +114,8 @@ class Variant:
     """The fewer-steps ablation: without `steps`, FEWER_SHARE of each edit's own steps."""
     memory_bank: bool = True
     weights: tuple[tuple[str, float], ...] = ()
-    keep_background: bool = False
+    keep_background: bool = True
+    """The input's own pixels beyond the default margin (`EditOptions.keep_background`)."""
     upstream_features: bool = False
     """Compare DragonDiffusion's two decoder blocks whatever the model's feature_blocks say."""
 
@@ -166,8 +167,8 @@ def ablation(name: str, mode: str, steps: int | None, fewer_steps: int | None) -
     if name == "two-blocks":
         label = f"{mode}, upstream's two feature blocks"
         return Variant(name, label, mode, steps, upstream_features=True)
-    if name == "keep-background":
-        return Variant(name, f"{mode} + keep background", mode, steps, keep_background=True)
+    if name == "no-keep-background":
+        return Variant(name, f"{mode} − kept background", mode, steps, keep_background=False)
     raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
 
 
@@ -393,8 +394,9 @@ def effective(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None
 
 
 def twin_key(pipe: DragonPipeline, edit: str, variant: Variant) -> tuple | None:
-    """The `effective` key of the variant without keep_background: the output it composites."""
-    return effective(pipe, edit, replace(variant, keep_background=False))
+    """The `effective` key of the variant with keep_background the other way: the same edit,
+    composited or not (`EditResult.with_background_kept`, `without_background_kept`)."""
+    return effective(pipe, edit, replace(variant, keep_background=not variant.keep_background))
 
 
 def produce(
@@ -412,8 +414,9 @@ def produce(
     (None: its native one).
 
     inversions: steps → the case's inversions of that many steps (shared by the variants).
-    results: the case's method results by `effective` key (filled here): a keep-background
-    variant whose plain twin is there composites its output instead of sampling again.
+    results: the case's method results by `effective` key (filled here): a variant whose twin
+    (`twin_key`) is there takes the twin's output with its background kept or not, instead of
+    sampling again.
     """
     if variant is IDENTITY:
         return case.image, 0.0
@@ -434,10 +437,11 @@ def produce(
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.kind)
         options["weights"] = replace(base, **own_weights(base, variant.weights))
-    if variant.keep_background and results is not None:
-        plain = results.get(twin_key(pipe, case.example.kind, variant))
-        if plain is not None:
-            return np.asarray(plain.with_background_kept().image.convert("RGB")), 0.0
+    twin = None if results is None else results.get(twin_key(pipe, case.example.kind, variant))
+    if twin is not None:
+        kept = variant.keep_background
+        other = twin.with_background_kept() if kept else twin.without_background_kept()
+        return np.asarray(other.image.convert("RGB")), 0.0
     steps = steps_of(pipe, case.example.kind, variant)
     chosen = pipe.feature_overrides
     if variant.upstream_features:
@@ -637,10 +641,10 @@ def case_rows(
     for variant in variants:
         key = effective(pipe, case.example.kind, variant)
         inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
-        plain = None  # the plain twin of a keep-background variant, if made
-        if variant.keep_background:
+        twin = None  # the same edit with the background kept the other way, if made
+        if key is not None:
             source = twin_key(pipe, case.example.kind, variant)
-            plain = made.get(source) if source in results else None
+            twin = made.get(source) if source in results else None
         if key in made:  # the same image: its seconds are those of making it
             twin, seconds = made[key]
             output, note = outputs[twin], f"  (the output of {twin})"
@@ -657,9 +661,10 @@ def case_rows(
                 settings.resolution,
             )
             seconds, note = time.perf_counter() - began - inverting, ""
-            if plain is not None:  # composited on its twin's output: that cost too
-                seconds += plain[1]
-                note = f"  (the output of {plain[0]}, background kept)"
+            if twin is not None:  # its twin's output, composited or not: that cost too
+                seconds += twin[1]
+                kept = "kept" if variant.keep_background else "not kept"
+                note = f"  (the output of {twin[0]}, background {kept})"
             if key is not None:
                 made[key] = variant.name, seconds
             if inverting:
