@@ -5,6 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
+from dragondiffusion import cli
 from dragondiffusion.cli import main
 from dragondiffusion.composite import (
     background_alpha,
@@ -126,6 +127,17 @@ def test_edit_keeps_the_background_by_default_changing_only_near_the_object(pipe
     bare = type(plain)(plain.image, plain.latent, dict(plain.record))
     with pytest.raises(InputError, match="no edit region"):
         bare.with_background_kept()
+    # Round trips: un-keeping and keeping again gives the kept image; a plain result made by
+    # hand (no `resynthesised`) keeps its whole image through with_background_kept.
+    again = kept.without_background_kept().with_background_kept()
+    assert np.array_equal(np.asarray(again.image), out) and again.record == kept.record
+    hand = type(plain)(plain.image, plain.latent, dict(plain.record), plain.region, plain.original)
+    back = hand.with_background_kept().without_background_kept()
+    assert np.array_equal(np.asarray(back.image), full) and not back.record["keep_background"]
+    edge = plain.with_background_kept(margin=0)  # the region's pixels only
+    zero = background_alpha(kept.region, kept.image.size, 0)
+    assert np.array_equal(np.asarray(edge.image)[zero == 0], img[zero == 0])
+    assert np.array_equal(np.asarray(edge.image)[zero == 1], full[zero == 1])
     # A kept result without its whole image (made by hand) can neither re-keep nor un-keep.
     partial = type(kept)(kept.image, kept.latent, dict(kept.record), kept.region, kept.original)
     with pytest.raises(InputError, match="no edit region and re-synthesised image"):
@@ -157,6 +169,13 @@ def test_cli_keeps_the_background_unless_told_not_to(tmp_path, scene, tiny_bundl
         assert not np.array_equal(np.asarray(im.convert("RGB"))[:, 140:], img[:, 140:])
     assert main([*args, "--background-margin", "9"]) == 0
     assert read_record(out)["background_margin"] == 9
+    # Without the flag the CLI leaves the choice to EditOptions' default.
+    parse = cli.build_parser().parse_args
+    assert "keep_background" not in cli.edit_options(parse(cli.joined_values(args)))
+    said = cli.edit_options(
+        parse(cli.joined_values([*args, "--keep-background", "--background-margin", "9"]))
+    )
+    assert said["keep_background"] is True and said["background_margin"] == 9
     assert main([*args, "--no-keep-background", "--background-margin", "9"]) == 2
     assert "leave out --no-keep-background or the margin" in capsys.readouterr().err
     # Refused before the model loads (a model that does not exist is never looked at).

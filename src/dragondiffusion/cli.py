@@ -207,6 +207,12 @@ def add_bench_parser(sub) -> None:
     )
     quality.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     quality.add_argument(
+        "--no-keep-background",
+        action="store_true",
+        help="every method row on the model's whole re-synthesised image (to see or tune what "
+        "the sampler does to the background); its own docs section",
+    )
+    quality.add_argument(
         "--set",
         dest="sweep",
         action="append",
@@ -394,6 +400,7 @@ def run_bench(args: argparse.Namespace) -> None:
         ablations=quality.choices(args.ablations, quality.ABLATIONS, "--ablations", empty=True),
         fewer_steps=args.fewer_steps,
         baseline=not args.no_baseline,
+        keep_background=not args.no_keep_background,
         device=args.device,
         dtype=args.dtype,
         sweep=tuple(weight_values(text) for text in args.sweep),

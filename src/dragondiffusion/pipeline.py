@@ -143,7 +143,9 @@ SD 1.5 at 4096² already holds 262 144 latent cells, far beyond what it was trai
 
 @dataclass
 class EditResult:
-    """An edited image, the latent it decodes from, and the record of everything that made it."""
+    """An edited image, the latent its re-synthesised image decodes from (`whole`; `image` is
+    that with the input's background kept, by default), and the record of everything that made
+    it."""
 
     image: PIL.Image.Image
     latent: torch.Tensor
@@ -178,9 +180,10 @@ class EditResult:
             )
         if margin is None:
             raise InputError("this result records no background margin; give one (pixels)")
-        image = keep_background(self.whole, self.original, self.region, margin)
+        whole = self.whole
+        image = keep_background(whole, self.original, self.region, margin)
         record = {**self.record, "keep_background": True, "background_margin": margin}
-        return replace(self, image=image, record=record)
+        return replace(self, image=image, record=record, resynthesised=whole)
 
     def without_background_kept(self) -> EditResult:
         """This edit as `keep_background=False` makes it, the method's whole re-synthesised
@@ -625,8 +628,8 @@ class DragonPipeline(StableDiffusionPipeline):
         if margin is None:
             cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
             margin = default_margin(inversion.working_size, image.size, cell)
-        whole = image
-        if options.keep_background and region is not None:
+        whole, kept = image, options.keep_background and region is not None
+        if kept:
             image = keep_background(image, inversion.images[0], region, margin)
         record = {
             "dragondiffusion": __version__,
@@ -659,7 +662,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "working_size": list(inversion.working_size),
             "input_sizes": [list(s) for s in inversion.input_sizes],
             "output_size": list(image.size),
-            "keep_background": options.keep_background,
+            "keep_background": kept,
             "background_margin": margin,
             "feature_blocks": list(self.features_for(plan.edit).blocks),
             "features_read_at": sampler.features_read_at(),

@@ -6,7 +6,9 @@ ablations (in the first mode), by a naive cut-paste-inpaint baseline (`baseline`
 expected image. One more row, exact, measures the expected image itself: what the measurements
 read off a perfect edit (their own noise: segmentation edges, patch tracking); and another, vae,
 the expected image after a round trip through the model's VAE: about the best a latent-diffusion
-edit can do, since it re-synthesises every pixel through the VAE (not a strict bound).
+edit's whole re-synthesised image can do, since every pixel of it passes through the VAE (not a
+strict bound; the method's rows keep the input's own pixels beyond the edit's region by default,
+`Settings.keep_background`).
 Rows: variant × edit; columns: the means over the scenes (NaN values, e.g. an empty vacated
 area, are left out of a mean; an infinite PSNR makes the mean infinite):
 
@@ -146,9 +148,19 @@ def steps_of(pipe: DragonPipeline, edit: str, variant: Variant) -> int:
     return fewer_of(own) if variant.fewer else own
 
 
-def ablation(name: str, mode: str, steps: int | None, fewer_steps: int | None) -> Variant:
+def ablation(
+    name: str, mode: str, steps: int | None, fewer_steps: int | None, keep: bool = True
+) -> Variant:
     """The method in `mode` with one part taken away (see ABLATIONS); steps None: each edit's
-    own (the model's default), fewer_steps None: FEWER_SHARE of them."""
+    own (the model's default), fewer_steps None: FEWER_SHARE of them; keep: the method keeps
+    the background (every ablation but no-keep-background does as the method does)."""
+    if name == "no-keep-background":
+        return Variant(name, f"{mode} − kept background", mode, steps, keep_background=False)
+    return replace(taken_away(name, mode, steps, fewer_steps), keep_background=keep)
+
+
+def taken_away(name: str, mode: str, steps: int | None, fewer_steps: int | None) -> Variant:
+    """`ablation` with the background kept."""
     if name == "no-bank":
         return Variant(name, f"{mode} − memory bank", mode, steps, memory_bank=False)
     if name == "no-content":
@@ -167,8 +179,6 @@ def ablation(name: str, mode: str, steps: int | None, fewer_steps: int | None) -
     if name == "two-blocks":
         label = f"{mode}, upstream's two feature blocks"
         return Variant(name, label, mode, steps, upstream_features=True)
-    if name == "no-keep-background":
-        return Variant(name, f"{mode} − kept background", mode, steps, keep_background=False)
     raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
 
 
@@ -210,6 +220,10 @@ class Settings:
     fewer_steps: int | None = None
     """Steps of the fewer-steps ablation; None: 40 % of each edit's steps (20 of 50)."""
     baseline: bool = True
+    keep_background: bool = True
+    """False (`--no-keep-background`): every method row on the model's whole re-synthesised
+    image, as `keep_background=False` makes it (the no-keep-background ablation is then the
+    method itself)."""
     device: str | None = None
     dtype: str | None = None
     sweep: tuple[tuple[str, tuple[float, ...]], ...] = ()
@@ -323,15 +337,17 @@ class Settings:
         """Identity, exact, its VAE ceiling, baseline, the method in each mode, then the
         ablations in the first mode."""
         rows = [IDENTITY, EXACT, CEILING, *([BASELINE] if self.baseline else [])]
-        rows += [Variant(m, m, m, self.steps) for m in self.modes]
-        rows += [ablation(a, self.modes[0], self.steps, self.fewer) for a in self.ablations]
+        keep, first = self.keep_background, self.modes[0]
+        rows += [Variant(m, m, m, self.steps, keep_background=keep) for m in self.modes]
+        rows += [ablation(a, first, self.steps, self.fewer, keep) for a in self.ablations]
         names = [name for name, _ in self.sweep]
         combos = itertools.product(*(values for _, values in self.sweep)) if names else ()
         for combo in combos:
             weights = tuple(zip(names, combo, strict=True))
             text = ", ".join(f"{n}={v:g}" for n, v in weights)
-            mode = self.modes[0]
-            rows.append(Variant(f"set {text}", f"{mode} {text}", mode, self.steps, weights=weights))
+            label = f"{first} {text}"
+            variant = Variant(f"set {text}", label, first, self.steps, weights=weights)
+            rows.append(replace(variant, keep_background=keep))
         return rows
 
     def command(self) -> str:
@@ -352,6 +368,8 @@ class Settings:
             parts.append(f"--fewer-steps {self.fewer}")
         if not self.baseline:
             parts.append("--no-baseline")
+        if not self.keep_background:
+            parts.append("--no-keep-background")
         # .15g: every value as given (plain :g keeps 6 digits), e.g. for --resume to match.
         parts += [f"--set {n}={','.join(f'{v:.15g}' for v in values)}" for n, values in self.sweep]
         parts += [f"--device {self.device}"] if self.device is not None else []
@@ -970,13 +988,18 @@ def quality(
         return measured(settings, folder, docs, log, saved, workers, threads)
 
 
-def docs_section(model: str | None, resolution: int | None = None) -> tuple[str, str]:
+def docs_section(
+    model: str | None, resolution: int | None = None, kept: bool = True
+) -> tuple[str, str]:
     """The key and title of `model`'s section in the docs file; a run at another working
-    resolution has a section of its own."""
+    resolution, or on the whole re-synthesised images (not `kept`), has a section of its own."""
     label = model_label(model)
-    if resolution is None:
-        return f"quality:{label}", f"Quality: {label}"
-    return f"quality:{label}@{resolution}px", f"Quality: {label}, working at {resolution} px"
+    key, title = f"quality:{label}", f"Quality: {label}"
+    if resolution is not None:
+        key, title = f"{key}@{resolution}px", f"{title}, working at {resolution} px"
+    if not kept:
+        key, title = f"{key}:whole", f"{title}, whole re-synthesised images"
+    return key, title
 
 
 def measured(
@@ -1031,7 +1054,7 @@ def measured(
     write_text(folder / SUMMARY, summary(done, "complete"))
     log(table(done))
     if docs is not None:
-        key, title = docs_section(settings.model, working)
+        key, title = docs_section(settings.model, working, settings.keep_background)
         write_section(docs, key, title, text)
         log(f"wrote the section '{title}' of {docs}")
     log(f"wrote {folder}/contact_sheet.png, quality.md and {SUMMARY} in {done.seconds:.1f} s")

@@ -115,8 +115,17 @@ def section(run: QualityRun) -> str:
             "(PSNR, SSIM, colour-histogram total-variation distance); bg: pixels more than a "
             "cell away from anything the edit may change; vac: the vacated area against the "
             "true background, and the share of it still in the object's colour (ghost); img: "
-            f"the whole image. Ablations run in {s.modes[0]} mode. Definitions: "
-            "`src/dragondiffusion/bench/quality.py`.",
+            f"the whole image. Ablations run in {s.modes[0]} mode. "
+            + (
+                "The method's rows keep the input's own pixels beyond a feature cell of the "
+                "edit's region (`keep_background`, the default: bg ∞ where every pixel is the "
+                "input's own); the − kept background row shows the model's whole "
+                "re-synthesised image. "
+                if s.keep_background
+                else "Every row of the method shows the model's whole re-synthesised image "
+                "(`--no-keep-background`). "
+            )
+            + "Definitions: `src/dragondiffusion/bench/quality.py`.",
         ]
     )
 
