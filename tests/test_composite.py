@@ -8,12 +8,16 @@ import torch
 from dragondiffusion import cli
 from dragondiffusion.cli import main
 from dragondiffusion.composite import (
+    Vacated,
     background_alpha,
     chessboard_distance,
     default_margin,
+    fill_from_outside,
     keep_background,
+    thin_vacated,
 )
 from dragondiffusion.errors import InputError
+from dragondiffusion.geometry import dilate
 from dragondiffusion.io import read_record
 
 
@@ -79,6 +83,68 @@ def test_default_margin_is_one_feature_cell_in_output_pixels():
     assert default_margin((128, 128), (32, 32), 4.0) == 1  # never below one pixel
 
 
+def square(size: int, top: int, side: int) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[top : top + side, top : top + side] = True
+    return mask
+
+
+def test_thin_vacated_is_the_ring_a_shrinking_object_leaves_not_a_moves_wide_area():
+    old, new = square(40, 10, 20), square(40, 13, 14)  # 3 px of ring on every side
+    ring = thin_vacated(old, new, 8)
+    expected = np.zeros_like(old)
+    expected[9:31, 9:31] = True  # the old place grown by 1 px (its blended edge) …
+    expected[13:27, 13:27] = False  # … less the new place
+    assert np.array_equal(ring, expected)
+    assert not thin_vacated(old, new, 3).any()  # the ring's 4-5 px of both distances > 3
+    # A move far away leaves a wide area: no pixel of it is within 8 px of both.
+    far = np.zeros((40, 80), bool)
+    far[10:30, 10:30], moved = True, np.zeros((40, 80), bool)
+    moved[10:30, 50:70] = True
+    assert not thin_vacated(far, moved, 8).any()
+    # A short move leaves a 4-px strip beside the new place (and the old place's 1-px blended
+    # edge along it): thin, every pixel of it.
+    short = np.roll(far, 4, axis=1)
+    assert np.array_equal(thin_vacated(far, short, 8), dilate(far, 1) & ~short)
+    assert not thin_vacated(old, np.zeros_like(old), 100).any()  # no new place: nothing thin
+
+
+def test_fill_from_outside_continues_the_surroundings_inward_and_touches_nothing_else():
+    flat = np.full((30, 30, 3), (90, 140, 30), np.uint8)
+    painted = flat.copy()
+    painted[10:20, 10:20] = (255, 0, 0)  # an object on a flat background
+    hole = square(30, 9, 12)
+    filled = fill_from_outside(painted, hole)
+    assert np.array_equal(filled, flat)  # the object gone, the flat colour continued
+    # A horizontal ramp: the filled pixels stay within the ramp's values on their rows, and
+    # the pixels outside the hole are the image's own.
+    ramp = np.repeat(np.linspace(0, 250, 30, dtype=np.uint8)[None, :, None], 30, 0).repeat(3, 2)
+    filled = fill_from_outside(ramp, hole)
+    assert np.array_equal(filled[~hole], ramp[~hole])
+    assert (filled[hole] >= ramp[:, 8].min() - 1).all() and (
+        filled[hole] <= ramp[:, 21].max() + 1
+    ).all()
+    assert np.array_equal(fill_from_outside(ramp, np.zeros_like(hole)), ramp)
+    assert np.array_equal(fill_from_outside(ramp, np.ones_like(hole)), ramp)  # nothing to fill from
+
+
+def test_keep_background_fills_the_ring_from_the_original_not_the_edit():
+    original = np.full((40, 40, 3), (90, 140, 30), np.uint8)
+    original[10:30, 10:30] = (255, 0, 0)
+    edited = np.full((40, 40, 3), (60, 60, 60), np.uint8)  # the model's: everything grey
+    old, new = torch.from_numpy(square(40, 10, 20)), torch.from_numpy(square(40, 13, 14))
+    places = Vacated(old[None, None], new[None, None])
+    region = places.old | places.new
+    args = (PIL.Image.fromarray(edited), PIL.Image.fromarray(original), region, 2)
+    out = np.asarray(keep_background(*args, places, 8))
+    plain = np.asarray(keep_background(*args))
+    ring = thin_vacated(old.numpy(), new.numpy(), 8)
+    assert (out[ring] == (90, 140, 30)).all()  # the background continued, not the red object
+    assert (plain[ring] == 60).all()  # without the places: the model's pixels
+    assert np.array_equal(out[~ring], plain[~ring])
+    assert np.array_equal(np.asarray(keep_background(*args, places, 0)), plain)
+
+
 def test_edit_keeps_the_background_by_default_changing_only_near_the_object(pipe, scene, inversion):
     img, mask = scene
     kw = dict(prompt="a red square", num_inference_steps=10, seed=7)
@@ -109,6 +175,12 @@ def test_edit_keeps_the_background_by_default_changing_only_near_the_object(pipe
     working = kept.record["working_size"]
     cell = working[1] / (2 * kept.latent.shape[-2])  # the energy grid is twice the latent's
     assert margin == default_margin(tuple(working), kept.image.size, cell) >= 1
+    # Its thin vacated strips (two cells wide at most) are filled from the input's surroundings.
+    assert kept.record["thin_vacated"] == 2 * margin and kept.vacated is not None
+    before, after = kept.vacated.at(kept.image.size)
+    strips = thin_vacated(before, after, 2 * margin)
+    filled = fill_from_outside(np.asarray(img), dilate(before, 2))
+    assert np.array_equal(out[strips], filled[strips])
     alpha = background_alpha(kept.region, kept.image.size, margin)
     assert np.array_equal(out[alpha == 0], img[alpha == 0]) and (alpha == 0).mean() > 0.5
     assert kept.region.shape[-2:] == (working[1], working[0])

@@ -11,9 +11,17 @@ the energies (4 working pixels for SD's 8-pixel latent cells), the precision the
 with; a mask drawn tighter than the object's edge needs a wider one (its rim would stay where it
 was). Effects the model adds beyond the margin (a shadow cast by a moved object) are lost; that is
 the trade.
+
+A move or resize also leaves thin strips of its old place uncovered (the ring a shrinking object
+leaves, the slivers beside a short move), narrower than a latent cell: the model tends to keep
+the object's old outline there. The kept background fills those pixels (`thin_vacated`: within
+`THIN_VACATED_CELLS` feature cells of both the background and the object's new place) with the
+input's surroundings continued inward (`fill_from_outside`) instead of the model's pixels.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
@@ -21,6 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, require_whole
+from .geometry import dilate
+
+THIN_VACATED_CELLS = 2
+"""A pixel a move or resize vacates counts as thin when its distances to the background and to
+the object's new place add up to at most this many feature cells (measured on 50 move and 50
+resize scenes against 1.5, 3 and 4: docs/benchmarks.md, "Filling the thin vacated strips")."""
 
 
 def chessboard_distance(mask: np.ndarray) -> np.ndarray:
@@ -50,8 +64,7 @@ def background_alpha(region: torch.Tensor, size: tuple[int, int], margin: int) -
 
     region: (1, 1, h, w) bool at the working size; an output pixel belongs to it when its area
     overlaps the region (so a different output size never shrinks it)."""
-    width, height = size
-    inside = F.adaptive_max_pool2d(region.float().cpu(), (height, width))[0, 0].numpy() > 0
+    inside = at_size(region, size)
     inner = margin // 2
     # At distance d beyond `inner` the weight is the share of the dilations by inner … margin
     # that reach the pixel.
@@ -78,15 +91,83 @@ def margin_given(margin: object, name: str = "background_margin") -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Vacated:
+    """A move's or resize's object places, (1, 1, H, W) bool at the working size."""
+
+    old: torch.Tensor
+    new: torch.Tensor
+
+    def at(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Both at output `size` (W, H): an output pixel belongs to a place it overlaps."""
+        return at_size(self.old, size), at_size(self.new, size)
+
+
+def at_size(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the (1, 1, h, w) mask at `size` (W, H), every output pixel it overlaps."""
+    width, height = size
+    return F.adaptive_max_pool2d(mask.float().cpu(), (height, width))[0, 0].numpy() > 0
+
+
+def thin_vacated(old: np.ndarray, new: np.ndarray, width: float) -> np.ndarray:
+    """(H, W) bool: the pixels of the old place (grown by 1 px, its blended edge) that the new
+    place does not cover and whose distances to the background beyond the old place and to the
+    new place add up to at most `width` (square neighbourhoods): the strips too thin for the
+    model to redraw."""
+    grown = dilate(old, 1)
+    to_background = chessboard_distance(~grown)
+    return grown & ~new & (to_background + chessboard_distance(new) <= width)
+
+
+def fill_from_outside(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: `image` with `hole` filled from outside inward, one ring of pixels at a
+    time, each the mean of its already-known neighbours (of 8); untouched outside `hole`."""
+    out = image.copy()
+    if not hole.any() or hole.all():
+        return out
+    ys, xs = np.nonzero(hole)
+    top, left = max(ys.min() - 1, 0), max(xs.min() - 1, 0)
+    box = (slice(top, ys.max() + 2), slice(left, xs.max() + 2))
+    values, known = image[box].astype(np.float64), ~hole[box]
+    while not known.all():
+        total = neighbour_sum(values * known[..., None])
+        count = neighbour_sum(known.astype(np.float64))
+        front = ~known & (count > 0)
+        if not front.any():  # a hole the box's known pixels cannot reach (none: it has a rim)
+            break
+        values[front] = total[front] / count[front][:, None]
+        known = known | front
+    out[box] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return out
+
+
+def neighbour_sum(values: np.ndarray) -> np.ndarray:
+    """Each pixel's sum over its 3×3 neighbourhood (zero beyond the edges)."""
+    h, w = values.shape[:2]
+    padded = np.pad(values, [(1, 1), (1, 1)] + [(0, 0)] * (values.ndim - 2))
+    return sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3))
+
+
 def keep_background(
-    edited: PIL.Image.Image, original: PIL.Image.Image, region: torch.Tensor, margin: int
+    edited: PIL.Image.Image,
+    original: PIL.Image.Image,
+    region: torch.Tensor,
+    margin: int,
+    vacated: Vacated | None = None,
+    thin: float = 0.0,
 ) -> PIL.Image.Image:
     """`edited` on `region` and within `margin` pixels of it (feathered), `original` (resized to
-    the same size) beyond."""
+    the same size) beyond; with `vacated`, the thin vacated strips (`thin_vacated`, `thin`
+    output pixels) filled from the original's surroundings of the old place."""
     if edited.size != original.size:
         original = original.resize(edited.size, PIL.Image.LANCZOS)
     alpha = background_alpha(region, edited.size, margin)[..., None]
     new = np.asarray(edited.convert("RGB"), np.float32)
-    old = np.asarray(original.convert("RGB"), np.float32)
-    mixed = alpha * new + (1.0 - alpha) * old
-    return PIL.Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
+    old = np.asarray(original.convert("RGB"))
+    mixed = np.clip(np.rint(alpha * new + (1.0 - alpha) * old), 0, 255).astype(np.uint8)
+    if vacated is not None and thin > 0:
+        before, after = vacated.at(edited.size)
+        strips = thin_vacated(before, after, thin)
+        if strips.any():
+            mixed[strips] = fill_from_outside(old, dilate(before, 2))[strips]
+    return PIL.Image.fromarray(mixed)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .attention import BankMode, MemoryBank, install_memory_bank
-from .composite import default_margin, keep_background, margin_given
+from .composite import THIN_VACATED_CELLS, Vacated, default_margin, keep_background, margin_given
 from .ddim import DDIMTimesteps
 from .edit_defaults import (
     DEFAULT_STEPS,
@@ -158,6 +158,9 @@ class EditResult:
     resynthesised: PIL.Image.Image | None = None
     """The method's whole re-synthesised image, before any background was kept (the same as
     `image` without keep_background); None: not known."""
+    vacated: Vacated | None = None
+    """A move's or resize's old and new places, for the thin vacated strips the kept background
+    fills (`composite.thin_vacated`; the record's `thin_vacated` output pixels)."""
 
     def save(self, path) -> None:
         """Write the image as PNG with the record as JSON metadata (atomic)."""
@@ -181,7 +184,8 @@ class EditResult:
         if margin is None:
             raise InputError("this result records no background margin; give one (pixels)")
         whole = self.whole
-        image = keep_background(whole, self.original, self.region, margin)
+        thin = self.record.get("thin_vacated", 0)
+        image = keep_background(whole, self.original, self.region, margin, self.vacated, thin)
         record = {**self.record, "keep_background": True, "background_margin": margin}
         return replace(self, image=image, record=record, resynthesised=whole)
 
@@ -624,13 +628,13 @@ class DragonPipeline(StableDiffusionPipeline):
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
         region = None if plan.region is None else plan.region.detach().cpu()
-        margin = options.background_margin
-        if margin is None:
-            cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
-            margin = default_margin(inversion.working_size, image.size, cell)
+        cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
+        one_cell = default_margin(inversion.working_size, image.size, cell)  # output px
+        margin = one_cell if options.background_margin is None else options.background_margin
+        thin = THIN_VACATED_CELLS * one_cell if plan.vacated is not None else 0
         whole, kept = image, options.keep_background and region is not None
         if kept:
-            image = keep_background(image, inversion.images[0], region, margin)
+            image = keep_background(image, inversion.images[0], region, margin, plan.vacated, thin)
         record = {
             "dragondiffusion": __version__,
             "edit": plan.edit,
@@ -664,6 +668,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "output_size": list(image.size),
             "keep_background": kept,
             "background_margin": margin,
+            "thin_vacated": thin,
             "feature_blocks": list(self.features_for(plan.edit).blocks),
             "features_read_at": sampler.features_read_at(),
             "device": str(self.device),
@@ -673,7 +678,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "seconds": round(time.perf_counter() - started, 3),
             **plan.params,
         }
-        return EditResult(image, z, record, region, inversion.images[0], whole)
+        return EditResult(image, z, record, region, inversion.images[0], whole, plan.vacated)
 
     def to_working(self, inversion: Inversion, point: Point, what: str) -> Point:
         """A point in input-image pixels → working-image pixels; must lie in the image."""

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .attention import BankMode, MemoryBank
+from .composite import Vacated
 from .ddim import DDIMTimesteps, invert_step, predict_x0, sigma, step_to
 from .errors import InputError, SamplingDiverged, require_share
 from .features import FeatureExtractor, energy_grid, upsample
@@ -198,6 +199,9 @@ class EditPlan:
     """(1, 1, H, W) bool at the working size: the pixels the edit is asked to change (the
     object's old and new places, the object, the editable region and the points' patches, the
     pasted object), around which `keep_background` keeps the input's pixels (`composite`)."""
+    vacated: Vacated | None = None
+    """A move's or resize's old and new places (pixels, working size), whose thin vacated
+    strips the kept background fills from the input's surroundings (`composite`)."""
     composite_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     params: dict = field(default_factory=dict)
     blend_background: float = 0.0

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..attention import BankMode
+from ..composite import Vacated
 from ..energy import contrast_energy, global_similarity, inverse_energy, local_similarity
 from ..errors import require_share
 from ..features import energy_grid
@@ -175,6 +176,7 @@ def plan_move(
         fresh = (1 - w.vacated_noise) ** 0.5 * z_T + w.vacated_noise**0.5 * noise.to(z_T)
         z_init = torch.where(vacated_latent, fresh, z_init)
     n = inversion.num_steps
+    moved = scaled_mask(mask, size, src, dst, scale)
     return EditPlan(
         edit=move_kind(scale),
         z_init=z_init,
@@ -189,6 +191,7 @@ def plan_move(
         feature_timestep=w.feature_timestep,
         feature_substeps=w.feature_substeps,
         sde_mask=target_latent | object_latent.bool(),
-        region=mask.bool() | scaled_mask(mask, size, src, dst, scale),
+        region=mask.bool() | moved,
+        vacated=Vacated(mask.bool(), moved),
         params={"scale": scale, "weights": asdict(w)},
     )
