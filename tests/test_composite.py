@@ -124,6 +124,11 @@ def test_fill_from_outside_continues_the_surroundings_inward_and_touches_nothing
     assert (filled[hole] >= ramp[:, 8].min() - 1).all() and (
         filled[hole] <= ramp[:, 21].max() + 1
     ).all()
+    # Asked for a thin strip only, it stops after the rings that reach it: the same values there.
+    strip = hole & ~square(30, 11, 8)
+    partial = fill_from_outside(ramp, hole, strip)
+    assert np.array_equal(partial[strip], filled[strip])
+    assert np.array_equal(partial[~hole], ramp[~hole])
     assert np.array_equal(fill_from_outside(ramp, np.zeros_like(hole)), ramp)
     assert np.array_equal(fill_from_outside(ramp, np.ones_like(hole)), ramp)  # nothing to fill from
 

@@ -119,9 +119,13 @@ def thin_vacated(old: np.ndarray, new: np.ndarray, width: float) -> np.ndarray:
     return grown & ~new & (to_background + chessboard_distance(new) <= width)
 
 
-def fill_from_outside(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+def fill_from_outside(
+    image: np.ndarray, hole: np.ndarray, needed: np.ndarray | None = None
+) -> np.ndarray:
     """(H, W, 3) uint8: `image` with `hole` filled from outside inward, one ring of pixels at a
-    time, each the mean of its already-known neighbours (of 8); untouched outside `hole`."""
+    time, each the mean of its already-known neighbours (of 8); untouched outside `hole`. With
+    `needed` ((H, W) bool), the filling stops once those pixels are filled (the rest of the hole
+    may stay unfilled): a thin strip needs a few rings, not the whole old place."""
     out = image.copy()
     if not hole.any() or hole.all():
         return out
@@ -129,7 +133,8 @@ def fill_from_outside(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     top, left = max(ys.min() - 1, 0), max(xs.min() - 1, 0)
     box = (slice(top, ys.max() + 2), slice(left, xs.max() + 2))
     values, known = image[box].astype(np.float64), ~hole[box]
-    while not known.all():
+    wanted = None if needed is None else needed[box]
+    while not (known.all() if wanted is None else known[wanted].all()):
         total = neighbour_sum(values * known[..., None])
         count = neighbour_sum(known.astype(np.float64))
         front = ~known & (count > 0)
@@ -169,5 +174,5 @@ def keep_background(
         before, after = vacated.at(edited.size)
         strips = thin_vacated(before, after, thin)
         if strips.any():
-            mixed[strips] = fill_from_outside(old, dilate(before, 2))[strips]
+            mixed[strips] = fill_from_outside(old, dilate(before, 2), strips)[strips]
     return PIL.Image.fromarray(mixed)
