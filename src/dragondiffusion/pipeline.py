@@ -628,13 +628,16 @@ class DragonPipeline(StableDiffusionPipeline):
         if options.output_size == "input":
             image = image.resize(inversion.input_sizes[0], PIL.Image.LANCZOS)
         region = None if plan.region is None else plan.region.detach().cpu()
+        places = plan.vacated
+        if places is not None:  # kept with the result: on the CPU, like the region
+            places = Vacated(places.old.detach().cpu(), places.new.detach().cpu())
         cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
         one_cell = default_margin(inversion.working_size, image.size, cell)  # output px
         margin = one_cell if options.background_margin is None else options.background_margin
-        thin = THIN_VACATED_CELLS * one_cell if plan.vacated is not None else 0
+        thin = THIN_VACATED_CELLS * one_cell if places is not None else 0
         whole, kept = image, options.keep_background and region is not None
         if kept:
-            image = keep_background(image, inversion.images[0], region, margin, plan.vacated, thin)
+            image = keep_background(image, inversion.images[0], region, margin, places, thin)
         record = {
             "dragondiffusion": __version__,
             "edit": plan.edit,
@@ -678,7 +681,7 @@ class DragonPipeline(StableDiffusionPipeline):
             "seconds": round(time.perf_counter() - started, 3),
             **plan.params,
         }
-        return EditResult(image, z, record, region, inversion.images[0], whole, plan.vacated)
+        return EditResult(image, z, record, region, inversion.images[0], whole, places)
 
     def to_working(self, inversion: Inversion, point: Point, what: str) -> Point:
         """A point in input-image pixels → working-image pixels; must lie in the image."""
