@@ -176,14 +176,14 @@ class EditResult:
         margin = recorded if margin is None else margin_given(margin)
         if self.record.get("keep_background") and margin == recorded:
             return self
-        if self.region is None or self.original is None or self.whole is None:
+        whole = self.whole
+        if self.region is None or self.original is None or whole is None:
             raise InputError(
                 "this result carries no edit region and re-synthesised image to keep the "
                 "background with; run the edit with keep_background=True instead"
             )
         if margin is None:
             raise InputError("this result records no background margin; give one (pixels)")
-        whole = self.whole
         thin = self.record.get("thin_vacated", 0)
         image = keep_background(whole, self.original, self.region, margin, self.vacated, thin)
         record = {**self.record, "keep_background": True, "background_margin": margin}

@@ -345,9 +345,10 @@ class Settings:
         for combo in combos:
             weights = tuple(zip(names, combo, strict=True))
             text = ", ".join(f"{n}={v:g}" for n, v in weights)
-            label = f"{first} {text}"
-            variant = Variant(f"set {text}", label, first, self.steps, weights=weights)
-            rows.append(replace(variant, keep_background=keep))
+            name, label = f"set {text}", f"{first} {text}"
+            rows.append(
+                Variant(name, label, first, self.steps, weights=weights, keep_background=keep)
+            )
         return rows
 
     def command(self) -> str:
@@ -447,6 +448,11 @@ def produce(
         return as_array(model_input(pipe, as_array(decoded), size)), 0.0
     if variant is BASELINE:
         return baseline(case.example.edit, case.example.arguments, cell_px), 0.0
+    twin = None if results is None else results.get(twin_key(pipe, case.example.kind, variant))
+    if twin is not None:
+        kept = variant.keep_background
+        other = twin.with_background_kept() if kept else twin.without_background_kept()
+        return np.asarray(other.image.convert("RGB")), 0.0
     options: dict[str, Any] = {
         "mode": variant.mode,
         "memory_bank": variant.memory_bank,
@@ -455,11 +461,6 @@ def produce(
     if variant.weights:
         base = pipe.edit_defaults.weights(case.example.kind)
         options["weights"] = replace(base, **own_weights(base, variant.weights))
-    twin = None if results is None else results.get(twin_key(pipe, case.example.kind, variant))
-    if twin is not None:
-        kept = variant.keep_background
-        other = twin.with_background_kept() if kept else twin.without_background_kept()
-        return np.asarray(other.image.convert("RGB")), 0.0
     steps = steps_of(pipe, case.example.kind, variant)
     chosen = pipe.feature_overrides
     if variant.upstream_features:
@@ -659,10 +660,10 @@ def case_rows(
     for variant in variants:
         key = effective(pipe, case.example.kind, variant)
         inverting = 0.0  # seconds spent inverting the case (once, by the first edit)
-        twin = None  # the same edit with the background kept the other way, if made
+        flipped = None  # the same edit with the background kept the other way, if made
         if key is not None:
             source = twin_key(pipe, case.example.kind, variant)
-            twin = made.get(source) if source in results else None
+            flipped = made.get(source) if source in results else None
         if key in made:  # the same image: its seconds are those of making it
             twin, seconds = made[key]
             output, note = outputs[twin], f"  (the output of {twin})"
@@ -679,10 +680,10 @@ def case_rows(
                 settings.resolution,
             )
             seconds, note = time.perf_counter() - began - inverting, ""
-            if twin is not None:  # its twin's output, composited or not: that cost too
-                seconds += twin[1]
+            if flipped is not None:  # its twin's output, composited or not: that cost too
+                seconds += flipped[1]
                 kept = "kept" if variant.keep_background else "not kept"
-                note = f"  (the output of {twin[0]}, background {kept})"
+                note = f"  (the output of {flipped[0]}, background {kept})"
             if key is not None:
                 made[key] = variant.name, seconds
             if inverting:
