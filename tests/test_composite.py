@@ -13,6 +13,7 @@ from dragondiffusion.composite import (
     chessboard_distance,
     default_margin,
     fill_from_outside,
+    fill_thin_vacated,
     keep_background,
     thin_vacated,
 )
@@ -138,16 +139,56 @@ def test_keep_background_fills_the_ring_from_the_original_not_the_edit():
     original[10:30, 10:30] = (255, 0, 0)
     edited = np.full((40, 40, 3), (60, 60, 60), np.uint8)  # the model's: everything grey
     old, new = torch.from_numpy(square(40, 10, 20)), torch.from_numpy(square(40, 13, 14))
-    places = Vacated(old[None, None], new[None, None])
+    places = Vacated(old[None, None], new[None, None], (20, 20), (20, 20), 0.7)  # about the centre
     region = places.old | places.new
     args = (PIL.Image.fromarray(edited), PIL.Image.fromarray(original), region, 2)
     out = np.asarray(keep_background(*args, places, 8))
     plain = np.asarray(keep_background(*args))
     ring = thin_vacated(old.numpy(), new.numpy(), 8)
-    assert (out[ring] == (90, 140, 30)).all()  # the background continued, not the red object
+    assert (out[ring] == (90, 140, 30)).all()  # the background, not the red object
     assert (plain[ring] == 60).all()  # without the places: the model's pixels
     assert np.array_equal(out[~ring], plain[~ring])
     assert np.array_equal(np.asarray(keep_background(*args, places, 0)), plain)
+
+
+def test_thin_strips_next_to_the_new_place_carry_the_objects_surroundings_along():
+    # The red square casts a 2-px dark band (a contact shadow) on the flat background; it
+    # shrinks to 0.7 about its centre, leaving a 3-px ring.
+    flat, dark = (90, 140, 30), (30, 40, 10)
+    original = np.full((40, 40, 3), flat, np.uint8)
+    original[8:32, 8:32] = dark
+    original[10:30, 10:30] = (255, 0, 0)
+    old, new = square(40, 10, 20), square(40, 13, 14)
+    places = Vacated(torch.from_numpy(old)[None, None], torch.from_numpy(new)[None, None],
+                     (20, 20), (20, 20), 0.7)  # fmt: skip
+    strips, filled = fill_thin_vacated(original, places, 8)
+    assert np.array_equal(strips, thin_vacated(old, new, 8))
+    # Beside the new place the band came along (it lies inside the old place's grown edge, so
+    # continuing the outside inward would give the flat colour there); at the old outline
+    # the flat colour continued inward.
+    beside = dilate(new, 1) & ~new
+    assert (np.subtract(flat, filled[beside], dtype=int).sum(axis=1) > 100).all()  # darker
+    outline = dilate(old, 1) & ~old
+    assert (np.abs(filled[outline].astype(int) - flat) <= 12).all()
+    # Moved far (a surroundings 20 px away, over twice the strips' width): only the inward fill.
+    far = Vacated(places.old, places.new, (20, 20), (40, 20), 1.0)
+    strips_far, filled_far = fill_thin_vacated(original, far, 8)
+    inward = fill_from_outside(original, dilate(old, 2), strips_far)
+    assert np.array_equal(filled_far[strips_far], inward[strips_far])
+
+
+def test_carried_moves_and_scales_the_image_as_the_edit_moves_the_object():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    working = torch.zeros(1, 1, 20, 30, dtype=torch.bool)  # the output is twice the working size
+    colours, shift, inside = Vacated(working, working, (5, 5), (8, 5), 1.0).carried(image)
+    assert np.allclose(colours[:, 6:], image[:, :-6]) and np.allclose(shift, 6)
+    assert not inside[:, :6].any() and inside[:, 6:].all()
+    # Halved about (10, 10) (working px): no shift at that point, more with the distance from it.
+    _, shift, inside = Vacated(working, working, (10, 10), (10, 10), 0.5).carried(image)
+    assert shift[19:21, 19:21].max() < 1 and inside[19:21, 19:21].all()
+    assert shift[0, 0] == pytest.approx(np.hypot(19.5, 19.5), rel=1e-6)
+    assert not inside[0, 0]  # it came from (-19.5, -19.5): outside the image
 
 
 def test_edit_keeps_the_background_by_default_changing_only_near_the_object(pipe, scene, inversion):

@@ -15,13 +15,18 @@ the trade.
 A move or resize also leaves thin strips of its old place uncovered (the ring a shrinking object
 leaves, the slivers beside a short move), narrower than a latent cell: the model tends to keep
 the object's old outline there. The kept background fills those pixels (`thin_vacated`: within
-`THIN_VACATED_CELLS` feature cells of both the background and the object's new place) with the
-input's surroundings continued inward (`fill_from_outside`) instead of the model's pixels.
+`THIN_VACATED_CELLS` feature cells of both the background and the object's new place) from the
+input instead of the model's pixels, blending two guesses across the strip by distance
+(`fill_thin_vacated`): at the old outline, the input's surroundings continued inward
+(`fill_from_outside`); next to the new place, the object's own surroundings carried along with it
+(`Vacated.carried`: its contact shadow and shading move and scale with it), where they come from
+nearby (at most the strip's width away, fading out by twice that: a long move's surroundings
+come from elsewhere in the image).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import PIL.Image
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, require_whole
-from .geometry import dilate
+from .geometry import Point, dilate, warp
 
 THIN_VACATED_CELLS = 2
 """A pixel a move or resize vacates counts as thin when its distances to the background and to
@@ -93,14 +98,41 @@ def margin_given(margin: object, name: str = "background_margin") -> int:
 
 @dataclass(frozen=True)
 class Vacated:
-    """A move's or resize's object places, (1, 1, H, W) bool at the working size."""
+    """A move's or resize's object places, (1, 1, H, W) bool at the working size, and the move
+    that takes the one to the other: `source` lands on `target` (working pixels) and the object
+    is scaled by `scale` about it."""
 
     old: torch.Tensor
     new: torch.Tensor
+    source: Point
+    target: Point
+    scale: float
 
     def at(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Both at output `size` (W, H): an output pixel belongs to a place it overlaps."""
         return at_size(self.old, size), at_size(self.new, size)
+
+    def on_cpu(self) -> Vacated:
+        """The same places and move, the masks on the CPU."""
+        return replace(self, old=self.old.detach().cpu(), new=self.new.detach().cpu())
+
+    def carried(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`image` ((H, W, 3) uint8 at the output size) moved and scaled as the edit moves the
+        object (bilinear): (H, W, 3) float64 colours; (H, W) the distance in output pixels from
+        each pixel to where its colour came from; (H, W) bool, whether that lies in the image."""
+        h, w = image.shape[:2]
+        working = (self.old.shape[-1], self.old.shape[-2])
+        layers = torch.from_numpy(np.concatenate([image, np.ones((h, w, 1), np.uint8)], -1))
+        moved = warp(layers.permute(2, 0, 1)[None].double(), working, self.source, self.target,
+                     self.scale, mode="bilinear")[0].permute(1, 2, 0).numpy()  # fmt: skip
+        # A pixel centre p (working pixels) takes its colour from source + (p − target) / scale.
+        sx, sy = w / working[0], h / working[1]
+        x = (np.arange(w) + 0.5) / sx
+        y = (np.arange(h) + 0.5) / sy
+        dx = (x - self.source[0] - (x - self.target[0]) / self.scale) * sx
+        dy = (y - self.source[1] - (y - self.target[1]) / self.scale) * sy
+        shift = np.hypot(dx[None, :], dy[:, None])
+        return moved[..., :3], shift, moved[..., 3] > 1 - 1e-6
 
 
 def at_size(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -114,9 +146,38 @@ def thin_vacated(old: np.ndarray, new: np.ndarray, width: float) -> np.ndarray:
     place does not cover and whose distances to the background beyond the old place and to the
     new place add up to at most `width` (square neighbourhoods): the strips too thin for the
     model to redraw."""
+    grown, to_background, to_new = vacated_distances(old, new)
+    return grown & ~new & (to_background + to_new <= width)
+
+
+def vacated_distances(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The old place grown by 1 px (its blended edge), and every pixel's distances to the
+    background beyond it and to the new place (square neighbourhoods)."""
     grown = dilate(old, 1)
-    to_background = chessboard_distance(~grown)
-    return grown & ~new & (to_background + chessboard_distance(new) <= width)
+    return grown, chessboard_distance(~grown), chessboard_distance(new)
+
+
+def fill_thin_vacated(
+    original: np.ndarray, vacated: Vacated, width: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The thin vacated strips of an output the size of `original` ((H, W, 3) uint8, the
+    input at the output size), (H, W) bool, and their (H, W, 3) uint8 colours (valid on them):
+    at each pixel, between the input's surroundings continued inward (`fill_from_outside`) and
+    those carried along with the object (`Vacated.carried`), weighted by the distances to the
+    background and to the new place; the carried ones count fully where they come from at most
+    `width` pixels away, less up to twice that, not at all beyond (or from outside the image)."""
+    before, after = vacated.at(original.shape[1::-1])
+    grown, to_background, to_new = vacated_distances(before, after)
+    strips = grown & ~after & (to_background + to_new <= width)
+    if not strips.any():
+        return strips, original.copy()
+    inward = fill_from_outside(original, dilate(before, 2), strips).astype(np.float64)
+    carried, shift, inside = vacated.carried(original)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        near_new = np.where(strips, to_background / (to_background + to_new), 0.0)
+    weight = near_new * np.clip(2.0 - shift / width, 0.0, 1.0) * inside
+    mixed = weight[..., None] * carried + (1.0 - weight[..., None]) * inward
+    return strips, np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def fill_from_outside(
@@ -163,7 +224,7 @@ def keep_background(
 ) -> PIL.Image.Image:
     """`edited` on `region` and within `margin` pixels of it (feathered), `original` (resized to
     the same size) beyond; with `vacated`, the thin vacated strips (`thin_vacated`, `thin`
-    output pixels) filled from the original's surroundings of the old place."""
+    output pixels) filled from the original (`fill_thin_vacated`)."""
     if edited.size != original.size:
         original = original.resize(edited.size, PIL.Image.LANCZOS)
     alpha = background_alpha(region, edited.size, margin)[..., None]
@@ -171,8 +232,6 @@ def keep_background(
     old = np.asarray(original.convert("RGB"))
     mixed = np.clip(np.rint(alpha * new + (1.0 - alpha) * old), 0, 255).astype(np.uint8)
     if vacated is not None and thin > 0:
-        before, after = vacated.at(edited.size)
-        strips = thin_vacated(before, after, thin)
-        if strips.any():
-            mixed[strips] = fill_from_outside(old, dilate(before, 2), strips)[strips]
+        strips, filled = fill_thin_vacated(old, vacated, thin)
+        mixed[strips] = filled[strips]
     return PIL.Image.fromarray(mixed)

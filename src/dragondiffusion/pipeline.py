@@ -630,7 +630,7 @@ class DragonPipeline(StableDiffusionPipeline):
         region = None if plan.region is None else plan.region.detach().cpu()
         places = plan.vacated
         if places is not None:  # kept with the result: on the CPU, like the region
-            places = Vacated(places.old.detach().cpu(), places.new.detach().cpu())
+            places = places.on_cpu()
         cell = inversion.working_size[1] / energy_grid(tuple(z.shape[-2:]))[0]
         one_cell = default_margin(inversion.working_size, image.size, cell)  # output px
         margin = one_cell if options.background_margin is None else options.background_margin

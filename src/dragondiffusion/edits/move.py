@@ -192,6 +192,6 @@ def plan_move(
         feature_substeps=w.feature_substeps,
         sde_mask=target_latent | object_latent.bool(),
         region=mask.bool() | moved,
-        vacated=Vacated(mask.bool(), moved),
+        vacated=Vacated(mask.bool(), moved, src, dst, scale),
         params={"scale": scale, "weights": asdict(w)},
     )
