@@ -16,12 +16,11 @@ A move or resize also leaves thin strips of its old place uncovered (the ring a 
 leaves, the slivers beside a short move), narrower than a latent cell: the model tends to keep
 the object's old outline there. The kept background fills those pixels (`thin_vacated`: within
 `THIN_VACATED_CELLS` feature cells of both the background and the object's new place) from the
-input instead of the model's pixels, blending two guesses across the strip by distance
-(`fill_thin_vacated`): at the old outline, the input's surroundings continued inward
-(`fill_from_outside`); next to the new place, the object's own surroundings carried along with it
-(`Vacated.carried`: its contact shadow and shading move and scale with it), where they come from
-nearby (at most the strip's width away, fading out by twice that: a long move's surroundings
-come from elsewhere in the image).
+input instead of the model's pixels (`fill_thin_vacated`): with the object's own surroundings
+carried along with it (`Vacated.carried`: its contact shadow and shading move and scale with it)
+where they come from nearby (at most the strips' width away, fading out by twice that: a
+resize's, a short move's), else with the input's surroundings continued inward
+(`fill_from_outside`: a long move's surroundings come from elsewhere in the image).
 """
 
 from __future__ import annotations
@@ -162,10 +161,10 @@ def fill_thin_vacated(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The thin vacated strips of an output the size of `original` ((H, W, 3) uint8, the
     input at the output size), (H, W) bool, and their (H, W, 3) uint8 colours (valid on them):
-    at each pixel, between the input's surroundings continued inward (`fill_from_outside`) and
-    those carried along with the object (`Vacated.carried`), weighted by the distances to the
-    background and to the new place; the carried ones count fully where they come from at most
-    `width` pixels away, less up to twice that, not at all beyond (or from outside the image)."""
+    the input's surroundings carried along with the object (`Vacated.carried`) where they come
+    from at most `width` pixels away, blended linearly into the input's surroundings continued
+    inward (`fill_from_outside`) between `width` and twice it, those alone beyond (or where the
+    carried colour would come from outside the image)."""
     before, after = vacated.at(original.shape[1::-1])
     grown, to_background, to_new = vacated_distances(before, after)
     strips = grown & ~after & (to_background + to_new <= width)
@@ -173,9 +172,7 @@ def fill_thin_vacated(
         return strips, original.copy()
     inward = fill_from_outside(original, dilate(before, 2), strips).astype(np.float64)
     carried, shift, inside = vacated.carried(original)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        near_new = np.where(strips, to_background / (to_background + to_new), 0.0)
-    weight = near_new * np.clip(2.0 - shift / width, 0.0, 1.0) * inside
+    weight = np.clip(2.0 - shift / width, 0.0, 1.0) * inside
     mixed = weight[..., None] * carried + (1.0 - weight[..., None]) * inward
     return strips, np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
