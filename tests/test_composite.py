@@ -152,9 +152,9 @@ def test_keep_background_fills_the_ring_from_the_original_not_the_edit():
 
 
 def test_thin_strips_next_to_the_new_place_carry_the_objects_surroundings_along():
-    # The red square casts a 2-px dark band (a contact shadow) on the flat background; it
-    # shrinks to 0.7 about its centre, leaving a 3-px ring.
-    flat, dark = (90, 140, 30), (30, 40, 10)
+    # The red square casts a 2-px shadow (the flat colour at half its brightness) on the flat
+    # background; it shrinks to 0.7 about its centre, leaving a 3-px ring.
+    flat, dark = (90, 140, 30), (45, 70, 15)
     original = np.full((40, 40, 3), flat, np.uint8)
     original[8:32, 8:32] = dark
     original[10:30, 10:30] = (255, 0, 0)
@@ -165,11 +165,16 @@ def test_thin_strips_next_to_the_new_place_carry_the_objects_surroundings_along(
     assert np.array_equal(strips, thin_vacated(old, new, 8))
     # Beside the new place the band came along (it lies inside the old place's grown edge, so
     # continuing the outside inward would give the flat colour there); at the old outline
-    # the flat colour continued inward.
+    # the flat colour.
     beside = dilate(new, 1) & ~new
     assert (np.subtract(flat, filled[beside], dtype=int).sum(axis=1) > 100).all()  # darker
     outline = dilate(old, 1) & ~old
     assert (np.abs(filled[outline].astype(int) - flat) <= 12).all()
+    # Something of another hue beside it is not its shadow: it stays where it was.
+    other = original.copy()
+    other[(original == dark).all(axis=-1)] = (30, 60, 200)  # a blue band instead of the shadow
+    inward = fill_from_outside(other, dilate(old, 2), strips)
+    assert np.array_equal(fill_thin_vacated(other, places, 8)[1][strips], inward[strips])
     # Moved far (a surroundings 20 px away, over twice the strips' width): only the inward fill.
     far = Vacated(places.old, places.new, (20, 20), (40, 20), 1.0)
     strips_far, filled_far = fill_thin_vacated(original, far, 8)

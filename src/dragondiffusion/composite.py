@@ -19,8 +19,9 @@ the object's old outline there. The kept background fills those pixels (`thin_va
 input instead of the model's pixels (`fill_thin_vacated`): with the object's own surroundings
 carried along with it (`Vacated.carried`: its contact shadow and shading move and scale with it)
 where they come from nearby (at most the strips' width away, fading out by twice that: a
-resize's, a short move's), else with the input's surroundings continued inward
-(`fill_from_outside`: a long move's surroundings come from elsewhere in the image).
+resize's, a short move's) and keep the hue of the background there (not another object beside
+the old place), else with the input's surroundings continued inward (`fill_from_outside`: a long
+move's surroundings come from elsewhere in the image).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ THIN_VACATED_CELLS = 2
 """A pixel a move or resize vacates counts as thin when its distances to the background and to
 the object's new place add up to at most this many feature cells (measured on 50 move and 50
 resize scenes against 1.5, 3 and 4: docs/benchmarks.md, "Filling the thin vacated strips")."""
+
+
+SAME_HUE = 0.04
+"""A colour carried into a thin vacated strip counts fully when its `chromaticity` is within this
+L1 distance of the inward fill's, not at all beyond twice it (0.02-0.1 measured alike on 30
+resize scenes: docs/benchmarks.md, "Thin strips: the object's surroundings carried along")."""
+HUE_FLOOR = 8.0
+"""Added to each channel (0-255) before `chromaticity`."""
 
 
 def chessboard_distance(mask: np.ndarray) -> np.ndarray:
@@ -162,9 +171,10 @@ def fill_thin_vacated(
     """The thin vacated strips of an output the size of `original` ((H, W, 3) uint8, the
     input at the output size), (H, W) bool, and their (H, W, 3) uint8 colours (valid on them):
     the input's surroundings carried along with the object (`Vacated.carried`) where they come
-    from at most `width` pixels away, blended linearly into the input's surroundings continued
-    inward (`fill_from_outside`) between `width` and twice it, those alone beyond (or where the
-    carried colour would come from outside the image)."""
+    from at most `width` pixels away and are of the hue of the input's surroundings continued
+    inward (`fill_from_outside`; within `SAME_HUE`), blended linearly into those between once
+    and twice either bound, those alone beyond (or where the carried colour would come from
+    outside the image)."""
     before, after = vacated.at(original.shape[1::-1])
     grown, to_background, to_new = vacated_distances(before, after)
     strips = grown & ~after & (to_background + to_new <= width)
@@ -173,8 +183,19 @@ def fill_thin_vacated(
     inward = fill_from_outside(original, dilate(before, 2), strips).astype(np.float64)
     carried, shift, inside = vacated.carried(original)
     weight = np.clip(2.0 - shift / width, 0.0, 1.0) * inside
+    # A shadow or shading darkens the background, keeping its hue; a colour of another hue is
+    # something else near the old place (another object), which stays where it was.
+    apart = np.abs(chromaticity(carried) - chromaticity(inward)).sum(axis=-1)
+    weight *= np.clip(2.0 - apart / SAME_HUE, 0.0, 1.0)
     mixed = weight[..., None] * carried + (1.0 - weight[..., None]) * inward
     return strips, np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def chromaticity(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) each colour's share of its channels' sum, its hue and saturation without its
+    brightness (after `HUE_FLOOR` is added to every channel, so near-black noise has none)."""
+    lifted = rgb.astype(np.float64) + HUE_FLOOR
+    return lifted / lifted.sum(axis=-1, keepdims=True)
 
 
 def fill_from_outside(
