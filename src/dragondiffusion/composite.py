@@ -40,8 +40,6 @@ THIN_VACATED_CELLS = 2
 """A pixel a move or resize vacates counts as thin when its distances to the background and to
 the object's new place add up to at most this many feature cells (measured on 50 move and 50
 resize scenes against 1.5, 3 and 4: docs/benchmarks.md, "Filling the thin vacated strips")."""
-
-
 SAME_HUE = 0.04
 """A colour carried into a thin vacated strip counts fully when its `chromaticity` is within this
 L1 distance of the inward fill's, not at all beyond twice it (0.02-0.1 measured alike on 30
@@ -154,15 +152,9 @@ def thin_vacated(old: np.ndarray, new: np.ndarray, width: float) -> np.ndarray:
     place does not cover and whose distances to the background beyond the old place and to the
     new place add up to at most `width` (square neighbourhoods): the strips too thin for the
     model to redraw."""
-    grown, to_background, to_new = vacated_distances(old, new)
-    return grown & ~new & (to_background + to_new <= width)
-
-
-def vacated_distances(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The old place grown by 1 px (its blended edge), and every pixel's distances to the
-    background beyond it and to the new place (square neighbourhoods)."""
     grown = dilate(old, 1)
-    return grown, chessboard_distance(~grown), chessboard_distance(new)
+    to_background = chessboard_distance(~grown)
+    return grown & ~new & (to_background + chessboard_distance(new) <= width)
 
 
 def fill_thin_vacated(
@@ -176,8 +168,7 @@ def fill_thin_vacated(
     and twice either bound, those alone beyond (or where the carried colour would come from
     outside the image)."""
     before, after = vacated.at(original.shape[1::-1])
-    grown, to_background, to_new = vacated_distances(before, after)
-    strips = grown & ~after & (to_background + to_new <= width)
+    strips = thin_vacated(before, after, width)
     if not strips.any():
         return strips, original.copy()
     inward = fill_from_outside(original, dilate(before, 2), strips).astype(np.float64)

@@ -201,7 +201,7 @@ class EditPlan:
     pasted object), around which `keep_background` keeps the input's pixels (`composite`)."""
     vacated: Vacated | None = None
     """A move's or resize's old and new places (pixels, working size), whose thin vacated
-    strips the kept background fills from the input's surroundings (`composite`)."""
+    strips the kept background fills from the input (`composite.fill_thin_vacated`)."""
     composite_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     params: dict = field(default_factory=dict)
     blend_background: float = 0.0
